@@ -1,0 +1,279 @@
+"""The shard format: writing capped, atomically renamed webdataset tar shards, the index, and verification.
+
+A shard directory holds `{split}-%06d.tar` files and `index.json`, written last: a directory without
+`index.json` is unfinished, whatever tar files it holds. Each sample in a shard is three tar members:
+
+    <key>.npy    features, shape (frames, n_mels), float16 (or float32), in numpy's .npy format
+    <key>.json   {"speaker": name or null, "speaker_id": int (-1 if unlabeled), "source": path,
+                  "num_frames": int, "order": position in the source's own order}
+
+`index.json` (see `build_index`) is the source of truth for everything that reads the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from . import __version__
+from .errors import SpkdistError
+from .fsutil import atomic_write_json, sha256_file
+
+INDEX_NAME = "index.json"
+FORMAT_NAME = "spkdist-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+PARTIAL_SUFFIX = ".partial"
+
+
+def shard_name(split: str, number: int) -> str:
+    """File name of shard `number` of `split`, e.g. `train-000003.tar`."""
+    return f"{split}-{number:06d}.tar"
+
+
+def encode_npy(features: np.ndarray) -> bytes:
+    """Serialise a (frames, n_mels) array in numpy's .npy format."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(features), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, features: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """A webdataset sample dict: `__key__`, `.npy` features and `.json` metadata, both as bytes."""
+    return {"__key__": key, "npy": encode_npy(features), "json": json.dumps(meta).encode()}
+
+
+@dataclass
+class ShardEntry:
+    """One finished shard as recorded in index.json."""
+
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitWriter:
+    """Writes one split's samples into shards capped by sample count and bytes.
+
+    Each shard is written as `<name>.partial` and renamed when complete, so a crash leaves at most one
+    `.partial` file and never a truncated shard under a final name. Use as a context manager.
+    """
+
+    out_dir: Path
+    split: str
+    max_count: int
+    max_bytes: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    _writer: wds.ShardWriter | None = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None:  # opened lazily: an empty split writes no shard at all
+            self._writer = wds.ShardWriter(
+                str(self.out_dir / f"{self.split}-%06d.tar"),
+                maxcount=self.max_count,
+                maxsize=self.max_bytes,
+                post=self._finish_shard,
+                verbose=0,
+                opener=lambda name: open(name + PARTIAL_SUFFIX, "wb"),
+                mtime=0,  # fixed member times: the same input gives byte-identical shards
+            )
+        self._writer.write(sample)
+
+    def _finish_shard(self, name: str) -> None:
+        partial = name + PARTIAL_SUFFIX
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, name)
+        path = Path(name)
+        count = self._writer.count  # still the finished shard's count: ShardWriter resets it after post
+        self.shards.append(ShardEntry(path.name, count, path.stat().st_size, sha256_file(path)))
+
+    def close(self) -> list[ShardEntry]:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.shards
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def clear_shard_dir(out_dir: Path) -> None:
+    """Remove what an earlier (finished or interrupted) run left, so a rerun rebuilds from scratch.
+
+    Only files this tool writes are touched: index.json, `{split}-*.tar` and their `.partial` temps.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)  # first: the directory stops looking complete
+    for split in SPLITS:
+        for path in out_dir.glob(f"{split}-*.tar*"):
+            path.unlink()
+
+
+def build_index(
+    splits: dict[str, list[ShardEntry]],
+    split_frames: dict[str, int],
+    speaker2id: dict[str, int],
+    features: dict[str, Any],
+    source: dict[str, Any],
+    skipped: list[dict[str, str]],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The index.json document.
+
+    Args:
+        splits: finished shards per split name.
+        split_frames: total feature frames per split.
+        speaker2id: speaker name -> class id (0..n-1), exactly as the source defines it.
+        features: feature parameters (n_mels, dtype, and for audio the STFT/mel settings).
+        source: what was read: format, path, fingerprint.
+        skipped: items left out with --skip-bad, each {"path", "reason"}.
+        settings: the sharding settings (seed, valid_fraction, shard caps).
+    """
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "n_mels": features["n_mels"],
+        "features": features,
+        "speaker2id": speaker2id,
+        "id2speaker": {str(i): name for name, i in speaker2id.items()},
+        "splits": {
+            split: {
+                "num_samples": sum(s.num_samples for s in shards),
+                "num_frames": split_frames.get(split, 0),
+                "shards": [vars(s) for s in shards],
+            }
+            for split, shards in splits.items()
+        },
+        "source": source,
+        "settings": settings,
+        "skipped": skipped,
+    }
+
+
+def write_index(out_dir: Path, index: dict[str, Any]) -> None:
+    """Write index.json atomically; this is the last write of a shard run and marks it complete."""
+    atomic_write_json(out_dir / INDEX_NAME, index)
+
+
+def is_remote(location: str) -> bool:
+    """True for webdataset URLs (`pipe:`, `http://`, `s3://`, ...) as opposed to local paths."""
+    return ":" in location.split("/", 1)[0] and not Path(location).exists()
+
+
+def load_index(location: str | os.PathLike) -> dict[str, Any]:
+    """Read and sanity-check index.json of a local shard directory or a webdataset URL prefix."""
+    location = str(location)
+    if is_remote(location):
+        with wds.gopen(location.rstrip("/") + "/" + INDEX_NAME, "rb") as f:
+            raw = f.read()
+        where = f"{location}/{INDEX_NAME}"
+    else:
+        path = Path(location) / INDEX_NAME
+        if not Path(location).is_dir():
+            raise SpkdistError(f"{location}: shard directory does not exist")
+        if not path.is_file():
+            raise SpkdistError(f"{path}: missing; the directory is not a finished `spkdist shard` output")
+        raw = path.read_bytes()
+        where = str(path)
+    try:
+        index = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SpkdistError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise SpkdistError(f"{where}: not a spkdist shard index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise SpkdistError(
+            f"{where}: format version {index.get('format_version')}, this spkdist reads {FORMAT_VERSION}"
+        )
+    return index
+
+
+def shard_urls(location: str | os.PathLike, index: dict[str, Any], split: str) -> list[str]:
+    """Full paths/URLs of a split's shards, in index order; a clear error if the split is absent."""
+    if split not in index["splits"] or not index["splits"][split]["shards"]:
+        have = ", ".join(s for s, v in index["splits"].items() if v["shards"]) or "none"
+        raise SpkdistError(f"{location}: no '{split}' split in the shards (have: {have})")
+    base = str(location).rstrip("/")
+    return [f"{base}/{s['name']}" for s in index["splits"][split]["shards"]]
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a local shard, using the plain tarfile reader."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        current, parts = None, {}
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current and parts:
+                yield current, parts
+                parts = {}
+            current = key
+            parts[ext] = tar.extractfile(member).read()
+        if parts:
+            yield current, parts
+
+
+def verify(location: str | os.PathLike) -> list[str]:
+    """Re-read every shard of a local shard directory; return the problems found (empty: all good).
+
+    Checks each shard's size and sha256 against index.json, that every sample decodes to a finite
+    (frames, n_mels) array whose frame count matches its metadata, and the per-split sample counts.
+    """
+    out_dir = Path(location)
+    index = load_index(out_dir)
+    n_mels = index["n_mels"]
+    problems = []
+    for split, info in index["splits"].items():
+        for shard in info["shards"]:
+            path = out_dir / shard["name"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            if path.stat().st_size != shard["bytes"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, index says {shard['bytes']}")
+            if sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 does not match index.json")
+            problems += _check_shard_samples(path, shard["num_samples"], n_mels)
+        counted = sum(s["num_samples"] for s in info["shards"])
+        if counted != info["num_samples"]:
+            problems.append(f"{out_dir}: split {split} lists {counted} samples in shards, {info['num_samples']} total")
+    return problems
+
+
+def _check_shard_samples(path: Path, expected: int, n_mels: int) -> list[str]:
+    problems, count = [], 0
+    try:
+        for key, parts in iter_tar_samples(path):
+            count += 1
+            if set(parts) != {"npy", "json"}:
+                problems.append(f"{path}: sample {key} has members {sorted(parts)}, expected npy and json")
+                continue
+            feats = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
+            meta = json.loads(parts["json"])
+            if feats.ndim != 2 or feats.shape[1] != n_mels or feats.shape[0] != meta["num_frames"]:
+                problems.append(f"{path}: sample {key} has shape {feats.shape}, expected ({meta['num_frames']}, {n_mels})")
+            elif not np.isfinite(feats).all():
+                problems.append(f"{path}: sample {key} has non-finite values")
+    except Exception as e:  # any decode failure of a damaged shard is a finding, not a crash
+        problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
+    if count != expected:
+        problems.append(f"{path}: {count} samples, index says {expected}")
+    return problems
+
