@@ -253,7 +253,9 @@ def verify(location: str | os.PathLike) -> list[str]:
             problems += _check_shard_samples(path, shard["num_samples"], n_mels)
         counted = sum(s["num_samples"] for s in info["shards"])
         if counted != info["num_samples"]:
-            problems.append(f"{out_dir}: split {split} lists {counted} samples in shards, {info['num_samples']} total")
+            problems.append(
+                f"{out_dir}: split {split} lists {counted} samples in shards, {info['num_samples']} total"
+            )
     return problems
 
 
@@ -268,7 +270,9 @@ def _check_shard_samples(path: Path, expected: int, n_mels: int) -> list[str]:
             feats = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
             meta = json.loads(parts["json"])
             if feats.ndim != 2 or feats.shape[1] != n_mels or feats.shape[0] != meta["num_frames"]:
-                problems.append(f"{path}: sample {key} has shape {feats.shape}, expected ({meta['num_frames']}, {n_mels})")
+                problems.append(
+                    f"{path}: sample {key} has shape {feats.shape}, expected ({meta['num_frames']}, {n_mels})"
+                )
             elif not np.isfinite(feats).all():
                 problems.append(f"{path}: sample {key} has non-finite values")
     except Exception as e:  # any decode failure of a damaged shard is a finding, not a crash
@@ -276,4 +280,3 @@ def _check_shard_samples(path: Path, expected: int, n_mels: int) -> list[str]:
     if count != expected:
         problems.append(f"{path}: {count} samples, index says {expected}")
     return problems
-
