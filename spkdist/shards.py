@@ -84,7 +84,7 @@ class SplitWriter:
                 maxsize=self.max_bytes,
                 post=self._finish_shard,
                 verbose=0,
-                opener=lambda name: open(name + PARTIAL_SUFFIX, "wb"),
+                opener=lambda name: open(name + PARTIAL_SUFFIX, "wb"),  # noqa: SIM115 (ShardWriter closes it)
                 mtime=0,  # fixed member times: the same input gives byte-identical shards
             )
         self._writer.write(sample)
