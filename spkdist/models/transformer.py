@@ -1,0 +1,27 @@
+"""The Transformer encoder of the "sample" and "medium" recipes (the HW4 baseline, batch-first)."""
+
+import torch
+from torch import nn
+
+
+class TransformerEncoder(nn.Module):
+    """Linear(n_mels -> d_model), then n_layers post-norm nn.TransformerEncoderLayers."""
+
+    def __init__(self, n_mels: int, d_model: int, n_heads: int, n_layers: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.prenet = nn.Linear(n_mels, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, ffn_dim, dropout, batch_first=True)
+        self.layers = nn.TransformerEncoder(layer, n_layers)
+
+    def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
+        x = self.prenet(mels)  # (B, T, D)
+        # Every other operation is per-frame, so the key mask alone keeps padding out of valid frames.
+        # In eval under no_grad PyTorch's fast path packs the valid frames into a nested tensor and
+        # returns zeros at padded frames; the pooling ignores those frames either way.
+        if not self.training and torch.is_autocast_enabled(x.device.type):
+            # That fast path checks only for CUDA autocast (pytorch#132613): under CPU autocast it
+            # feeds bf16 activations to fp32 weights and fails. Evaluate the layers in fp32 instead.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.layers(x.float(), src_key_padding_mask=pad_mask)  # (B, T, D)
+        return self.layers(x, src_key_padding_mask=pad_mask)  # (B, T, D)
