@@ -1,0 +1,261 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML, overridden by `section.key=value`.
+
+A config file has one mapping per section (data, model, optim, train, log); every key must name a field
+below. Loading checks types (from the annotations, `Literal` choices included) and ranges (each section's
+`validate`), and rejects unknown sections and keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import SpkdistError
+from .models import ModelConfig
+
+# Where bare config names (`--config boss.yaml`) are looked up when no such file is in the working dir.
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/fsdd-demo"
+    """Shard directory written by `spkdist shard` (or a webdataset URL prefix holding index.json)."""
+    segment_len: int = 128
+    """Training crop length in frames; shorter utterances are kept whole."""
+    batch_size: int = 32
+    """Utterances per batch on each process (the global batch is batch_size x processes x grad_accum)."""
+    eval_batch_size: int = 64
+    """Utterances per evaluation batch (whole utterances, bucketed by length)."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+    shuffle_buffer: int = 2000
+    """Samples held in the training shuffle buffer of each worker."""
+    on_bad_shard: Literal["warn", "raise"] = "warn"
+    """A corrupt training shard: skip it with a warning and count it, or stop the run."""
+
+    def validate(self) -> None:
+        _positive(self, "segment_len", "batch_size", "eval_batch_size", "shuffle_buffer")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of AdamW, reached at the end of warmup."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    warmup_steps: int = 1000
+    """Optimizer steps of linear warmup from 0 to `lr`; then cosine decay to 0 at train.max_steps."""
+
+    def validate(self) -> None:
+        _positive(self, "lr")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.weight_decay and optim.warmup_steps must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 70_000
+    """Optimizer steps of the whole run (a resumed run continues to the same count)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad_norm: float = 5.0
+    """Gradient clipping by global L2 norm; 0 disables it."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """Autocast precision; null takes the launcher's setting (`accelerate launch --mixed_precision`)."""
+    seed: int = 0
+    """Seed of model init and data order (each rank and worker derives its own)."""
+    eval_every: int = 2000
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    save_every: int = 2000
+    """Write a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)."""
+    keep_last: int = 3
+    """Step checkpoints kept (the newest ones); `best` is kept as well."""
+    log_every: int = 50
+    """Log training metrics every this many steps."""
+    output_dir: str = "runs/boss"
+    """Run directory: checkpoints/, the tracker's files, the resolved config."""
+    resume: str | None = None
+    """null: start fresh; `latest`: the newest checkpoint in output_dir (fresh if none); or a path."""
+    max_nonfinite: int = 10
+    """Consecutive steps with a non-finite loss or gradient norm that stop the run."""
+    eval_split: str = "valid"
+    """Shard split evaluated during training."""
+
+    def validate(self) -> None:
+        _positive(self, "max_steps", "grad_accum", "eval_every", "save_every", "keep_last", "log_every")
+        _positive(self, "max_nonfinite")
+        if self.clip_grad_norm < 0:
+            raise ValueError(f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+
+
+@dataclass
+class LogConfig:
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    """Where metrics go, through Accelerate's trackers."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline never needs the network (upload later with `wandb sync`); online needs a W&B login."""
+    project: str = "spkdist"
+    """Tracker project name."""
+    run_name: str | None = None
+    """Tracker run name; null uses the output directory's name."""
+
+    def validate(self) -> None:
+        """Every field is a checked choice or a free string: nothing more to check."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) for YAML, trackers and checkpoints."""
+        return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(self))))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ValueError(f"{_section_name(section)}.{name} must be > 0, got {value}")
+
+
+def _section_name(section: Any) -> str:
+    return type(section).__name__.removesuffix("Config").lower()
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """The config file for `name`: as given if it exists, else `configs/<name>` (`.yaml` optional)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (REPO_CONFIG_DIR / path.name, REPO_CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise SpkdistError(
+        f"{name}: config file not found (looked in the working directory and {REPO_CONFIG_DIR})"
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, check and return it."""
+    path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpkdistError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpkdistError(f"{path}: expected a mapping of sections (data, model, optim, train, log)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            raise SpkdistError(f"override '{item}': expected section.key=value, e.g. train.max_steps=300")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise SpkdistError(f"{path}: section '{section}' must be a mapping")
+        raw[section][name] = _parse_override_value(value)
+    return config_from_dict(raw, where=str(path))
+
+
+def _parse_override_value(text: str) -> Any:
+    """A command-line value as YAML would read it, plus `3e-4` as a float (YAML 1.1 wants `3.0e-4`)."""
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        return float(value)
+    return value
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    """Build and validate a Config from a nested dict (a YAML file, or the copy inside a checkpoint)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise SpkdistError(
+                f"{where}: unknown section '{section}' (expected one of {', '.join(sections)})"
+            )
+        if not isinstance(values, dict):
+            raise SpkdistError(f"{where}: section '{section}' must be a mapping")
+        built[section] = _build_section(sections[section].default_factory, section, values, where)
+    config = Config(**built)
+    for section in sections:
+        try:
+            getattr(config, section).validate()
+        except ValueError as e:
+            raise SpkdistError(f"{where}: {e}") from None
+    return config
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            raise SpkdistError(f"{where}: unknown key '{section}.{key}' (known: {', '.join(sorted(known))})")
+        try:
+            checked[key] = _coerce(value, hints[key])
+        except TypeError as e:
+            raise SpkdistError(f"{where}: {section}.{key}: {e}") from None
+    return cls(**checked)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` checked against the annotation `hint`; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(" or ".join(errors))
+    if hint is type(None):
+        if value is not None:
+            raise TypeError(f"expected null, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise TypeError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise TypeError(f"expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, in the same shape as the files in configs/."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Config loading: the four recipes, overrides, bare names, and one-line errors for bad values."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spkdist.config import REPO_CONFIG_DIR, config_from_dict, dump_config, load_config
+from spkdist.errors import SpkdistError
+
+RECIPES = ["sample", "medium", "strong", "boss"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_load_and_match_their_names(name):
+    cfg = load_config(REPO_CONFIG_DIR / f"{name}.yaml")
+    assert cfg.model.name == name
+    assert cfg.train.output_dir == f"runs/{name}"
+    assert cfg.data.segment_len == 128 and cfg.data.batch_size == 32 and cfg.optim.lr == 1e-3
+
+
+def test_recipe_architectures_follow_the_homework():
+    boss = load_config("boss.yaml").model
+    assert (boss.d_model, boss.n_layers, boss.pooling, boss.head) == (224, 3, "attention", "am_softmax")
+    assert (boss.margin, boss.scale) == (0.2, 30.0)
+    medium = load_config("medium").model
+    assert (medium.d_model, medium.n_layers, medium.n_heads) == (120, 4, 4)
+
+
+def test_bare_name_resolves_to_configs_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("boss.yaml").model.name == "boss"
+    (tmp_path / "boss.yaml").write_text("model: {name: sample, d_model: 80, n_heads: 2, n_layers: 1}\n")
+    assert load_config("boss.yaml").model.name == "sample"  # a file in the working dir wins
+
+
+def test_overrides_are_typed_from_yaml():
+    cfg = load_config(
+        "boss.yaml",
+        [
+            "data.shards=shards/fsdd",
+            "train.max_steps=300",
+            "train.mixed_precision=bf16",
+            "optim.lr=3e-4",
+            "train.resume=latest",
+        ],
+    )
+    assert cfg.data.shards == "shards/fsdd" and cfg.train.max_steps == 300
+    assert cfg.train.mixed_precision == "bf16" and cfg.optim.lr == 3e-4 and cfg.train.resume == "latest"
+
+
+def test_round_trip_through_dump():
+    cfg = load_config("boss.yaml", ["train.max_steps=7"])
+    import yaml
+
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_step=3", "unknown key 'train.max_step'"),
+        ("trian.max_steps=3", "unknown section 'trian'"),
+        ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+        ("train.max_steps=0", "train.max_steps must be > 0"),
+        ("train.mixed_precision=fp8", "expected one of no, fp16, bf16"),
+        ("data.on_bad_shard=ignore", "expected one of warn, raise"),
+        ("optim.betas=[0.9]", "expected a list of 2 numbers"),
+        ("model.name=giant", "giant"),
+        ("model.d_model=102", "n_heads"),
+        ("max_steps=3", "expected section.key=value"),
+    ],
+)
+def test_bad_values_give_one_line_errors(override, message):
+    with pytest.raises(SpkdistError) as err:
+        load_config("boss.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpkdistError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(SpkdistError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_train_script_reports_config_errors_without_traceback():
+    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--config", "boss.yaml", "train.max_steps=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"train: error: {REPO_CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
+    )
