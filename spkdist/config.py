@@ -248,7 +248,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise TypeError(f"expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
