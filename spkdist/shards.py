@@ -12,13 +12,15 @@ A shard directory holds `{split}-%06d.tar` files and `index.json`, written last:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -32,6 +34,8 @@ FORMAT_NAME = "spkdist-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 PARTIAL_SUFFIX = ".partial"
+TAR_BLOCK = 512  # tar header size and the unit member data is padded to
+TAR_RECORD = 20 * TAR_BLOCK  # tar(1) and tarfile pad whole archives to 10 KiB records
 
 
 def shard_name(split: str, number: int) -> str:
@@ -51,6 +55,48 @@ def encode_sample(key: str, features: np.ndarray, meta: dict[str, Any]) -> dict[
     return {"__key__": key, "npy": encode_npy(features), "json": json.dumps(meta).encode()}
 
 
+def tar_sample(sample: dict[str, Any]) -> bytes:
+    """A sample dict as tar stream bytes: per member (`<key>.<ext>`, extensions in sorted order) a ustar
+    header, the data, and zero padding to a whole block."""
+    parts = []
+    for ext, data in sorted(sample.items()):
+        if ext != "__key__":
+            parts += [
+                ustar_header(f"{sample['__key__']}.{ext}", len(data)),
+                data,
+                bytes(-len(data) % TAR_BLOCK),
+            ]
+    return b"".join(parts)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a read-only regular file owned by 0:0 with mtime 0, byte for byte what
+    `tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT)` gives (fixed fields: the same sample always
+    gives the same bytes). Built here because tarfile takes ~15 µs per header, and sharding writes two
+    per utterance."""
+    encoded = name.encode()
+    if len(encoded) > 100:  # keys are kept short (spkdist.sources.sample_key): no ustar prefix field needed
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = bytearray(_USTAR_TEMPLATE)
+    header[: len(encoded)] = encoded
+    header[124:136] = b"%011o\x00" % size
+    header[148:156] = b"%06o\x00 " % sum(header)  # checksum: all bytes, with its own field as spaces
+    return bytes(header)
+
+
+def _ustar_template() -> bytes:
+    header = bytearray(TAR_BLOCK)
+    header[100:124] = b"0000444\x00" + b"0000000\x00" * 2  # mode, uid, gid
+    header[136:148] = b"00000000000\x00"  # mtime
+    header[148:156] = b" " * 8  # checksum, counted as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC  # "ustar\0" + version "00"
+    return bytes(header)
+
+
+_USTAR_TEMPLATE = _ustar_template()
+
+
 @dataclass
 class ShardEntry:
     """One finished shard as recorded in index.json."""
@@ -65,8 +111,15 @@ class ShardEntry:
 class SplitWriter:
     """Writes one split's samples into shards capped by sample count and bytes.
 
-    Each shard is written as `<name>.partial` and renamed when complete, so a crash leaves at most one
-    `.partial` file and never a truncated shard under a final name. Use as a context manager.
+    Each shard is written as `<name>.partial`, fsynced and renamed when complete, so a crash leaves at
+    most one `.partial` file and never a truncated shard under a final name. A shard's members add up to
+    at most `max_bytes` (a single larger sample gets a shard of its own). Use as a context manager: an
+    exception deletes the unfinished `.partial` file.
+
+    Samples arrive as tar bytes (`tar_sample`) and are appended as they are, rather than through
+    tarfile/webdataset writers: tarfile's stream mode re-copies its buffer for every 10 KiB record
+    (quadratic in member size), and appending gives the exact shard size for the cap and the sha256 for
+    the index while writing, without reading the shard back.
     """
 
     out_dir: Path
@@ -74,35 +127,64 @@ class SplitWriter:
     max_count: int
     max_bytes: int
     shards: list[ShardEntry] = field(default_factory=list)
-    _writer: wds.ShardWriter | None = None
+    _file: BinaryIO | None = None
+    _digest: Any = None  # hashlib sha256 of the open shard
+    _count: int = 0  # samples in the open shard
+    _size: int = 0  # bytes of the open shard's members
 
     def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None:  # opened lazily: an empty split writes no shard at all
-            self._writer = wds.ShardWriter(
-                str(self.out_dir / f"{self.split}-%06d.tar"),
-                maxcount=self.max_count,
-                maxsize=self.max_bytes,
-                post=self._finish_shard,
-                verbose=0,
-                opener=lambda name: open(name + PARTIAL_SUFFIX, "wb"),  # noqa: SIM115 (ShardWriter closes it)
-                mtime=0,  # fixed member times: the same input gives byte-identical shards
-            )
-        self._writer.write(sample)
+        """Append a sample dict (`__key__` plus extension -> bytes, as `encode_sample` makes it)."""
+        self.write_tar(tar_sample(sample))
 
-    def _finish_shard(self, name: str) -> None:
-        partial = name + PARTIAL_SUFFIX
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, name)
-        path = Path(name)
-        count = self._writer.count  # still the finished shard's count: ShardWriter resets it after post
-        self.shards.append(ShardEntry(path.name, count, path.stat().st_size, sha256_file(path)))
+    def write_tar(self, members: bytes) -> None:
+        """Append one sample already encoded as tar members by `tar_sample` (e.g. in a worker process)."""
+        if self._file is not None and (
+            self._count >= self.max_count or self._size + len(members) > self.max_bytes
+        ):
+            self._finish_shard()
+        if self._file is None:  # opened lazily: an empty split writes no shard at all
+            self._open_shard()
+        self._file.write(members)
+        self._digest.update(members)
+        self._count += 1
+        self._size += len(members)
 
     def close(self) -> list[ShardEntry]:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Finish the open shard; the list of all shards written."""
+        if self._file is not None:
+            self._finish_shard()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (finished shards stay: without index.json they are never used)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._partial_path().unlink(missing_ok=True)
+
+    def _open_shard(self) -> None:
+        self._file = open(self._partial_path(), "wb", buffering=1 << 20)  # noqa: SIM115 (closed in _finish_shard)
+        self._digest = hashlib.sha256()
+        self._count = self._size = 0
+
+    def _finish_shard(self) -> None:
+        # End of archive: two zero blocks, then zeros up to a whole record, as tar(1) writes it.
+        end_size = 2 * TAR_BLOCK
+        end_size += -(self._size + end_size) % TAR_RECORD
+        self._file.write(bytes(end_size))
+        self._digest.update(bytes(end_size))
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the data is on disk before the final name appears
+        self._file.close()
+        self._file = None
+        path = self.out_dir / shard_name(self.split, len(self.shards))
+        os.replace(self._partial_path(), path)
+        self.shards.append(
+            ShardEntry(path.name, self._count, self._size + end_size, self._digest.hexdigest())
+        )
+
+    def _partial_path(self) -> Path:
+        return self.out_dir / (shard_name(self.split, len(self.shards)) + PARTIAL_SUFFIX)
 
     def __enter__(self) -> SplitWriter:
         return self
@@ -110,6 +192,8 @@ class SplitWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.abort()
 
 
 def clear_shard_dir(out_dir: Path) -> None:
@@ -215,8 +299,6 @@ def shard_urls(location: str | os.PathLike, index: dict[str, Any], split: str) -
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a local shard, using the plain tarfile reader."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         current, parts = None, {}
         for member in tar:

@@ -1,0 +1,40 @@
+"""`spkdist bench <name>`: benchmarks anyone can rerun. Each prints a human report, then one JSON line.
+
+A benchmark is a module with a docstring (its first line is the help text), `add_arguments(parser)` and
+`run(args) -> dict` (the result, printed as the final JSON line). Register it in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from types import ModuleType
+
+from . import loader, recipes, shard, step
+
+BENCHMARKS: dict[str, ModuleType] = {
+    "shard": shard,
+    "loader": loader,
+    "step": step,
+    "recipes": recipes,
+}
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Register `spkdist bench` and one sub-command per benchmark."""
+    parser = commands.add_parser("bench", help="run a benchmark", description=__doc__.split("\n\n")[0])
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, module in BENCHMARKS.items():
+        sub = benchmarks.add_parser(
+            name,
+            help=module.__doc__.split("\n", 1)[0],
+            description=module.__doc__,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=partial(_run, module))
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> None:
+    print(json.dumps(module.run(args)))

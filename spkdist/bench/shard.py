@@ -1,0 +1,90 @@
+"""Sharding throughput on a synthetic HW4-shaped directory, compared with `tar cf` of the same files.
+
+Generates the directory (600 speakers, HW4's utterance counts times --scale, lengths spread like the real
+set), times `tar cf` of it, then times sharding it with the same code `spkdist shard` runs (in this
+process, so without the command's ~1-2 s of interpreter and import start-up), checks the shards with
+`verify`, and reports utterances/s and input MB/s of the shard run and its time relative to tar
+(goal: <= 2.0 with 2 workers). Dirty pages are flushed (sync) before each timed step; both steps read
+the freshly generated files from the page cache and write their output next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..badinput import BadInput
+from ..errors import SpkdistError
+from ..sharding import ShardOptions, shard
+from ..shards import verify
+from ..sources import read_hw4
+from .synth import make_hw4_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of HW4's 64,666 utterances")
+    parser.add_argument("--workers", type=int, default=2, help="shard worker processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the shard run")
+    parser.add_argument(
+        "--dir", type=Path, help="where to put the temporary data (default: the system temp directory)"
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.scale <= 0:
+        raise SpkdistError(f"--scale must be positive, got {args.scale}")
+    with tempfile.TemporaryDirectory(prefix="spkdist-bench-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        hw4 = make_hw4_dir(work / "hw4", scale=args.scale, seed=args.seed)
+        files = [p for p in hw4.iterdir() if p.suffix == ".pt"]
+        input_mb = sum(p.stat().st_size for p in hw4.iterdir()) / 1e6
+        print(
+            f"generated {len(files):,} .pt files, {input_mb:,.1f} MB in {time.perf_counter() - started:.1f} s"
+        )
+
+        tar_s = _timed(
+            lambda: subprocess.run(["tar", "cf", str(work / "hw4.tar"), "-C", tmp, "hw4"], check=True)
+        )
+        (work / "hw4.tar").unlink()
+        print(f"tar cf: {tar_s:.2f} s")
+
+        options = ShardOptions(workers=args.workers, seed=args.seed)
+
+        def shard_hw4() -> None:  # what `spkdist shard HW4DIR --out DIR --workers N` runs
+            bad = BadInput(skip=False)
+            corpus = read_hw4(hw4, bad)
+            shard(corpus, corpus.precomputed, work / "shards", options, bad)
+
+        shard_s = _timed(shard_hw4)
+        print(f"spkdist shard ({args.workers} workers): {shard_s:.2f} s")
+        problems = verify(work / "shards")
+        if problems:
+            raise SpkdistError(f"the benchmark's shards fail verification: {problems[0]}")
+        output_mb = sum(p.stat().st_size for p in (work / "shards").iterdir()) / 1e6
+    return {
+        "bench": "shard",
+        "scale": args.scale,
+        "workers": args.workers,
+        "utterances": len(files),
+        "input_mb": round(input_mb, 1),
+        "output_mb": round(output_mb, 1),
+        "tar_s": round(tar_s, 3),
+        "shard_s": round(shard_s, 3),
+        "utts_per_s": round(len(files) / shard_s, 1),
+        "mb_per_s": round(input_mb / shard_s, 1),
+        "ratio_to_tar": round(shard_s / tar_s, 3),
+    }
+
+
+def _timed(step: Callable[[], object]) -> float:
+    os.sync()  # so that writing back earlier data does not land in the timed step
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started

@@ -1,0 +1,251 @@
+"""The `spkdist` command line: parses arguments and dispatches to one function per subcommand.
+
+Every subcommand is registered by an `add_<name>(commands)` function that creates its parser, documents
+every option, and sets `run` to a function(args) -> exit code (None means 0). To add a command, write
+such a function (here, or next to the code it runs) and append it to COMMANDS; benchmarks plug into
+`spkdist bench` the same way through `spkdist.bench.BENCHMARKS`.
+
+Errors the user can fix (bad input, missing files) are SpkdistError and end as one line on stderr,
+`spkdist: error: <message>`, with exit code 2; a traceback always means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from . import __version__, bench, infer
+from .badinput import BadInput
+from .errors import SpkdistError
+from .features import DTYPES, LogMel
+from .sharding import ShardOptions, shard
+from .shards import load_index, verify
+from .sources import Corpus, detect_format, read_fsdd_demo, read_hw4, read_manifest, read_tree
+
+DEMO_OUT = Path("shards/fsdd-demo")
+DEMO_SHARD_SAMPLES = (
+    200  # FSDD is small: several shards per split, so multi-worker/multi-rank loaders have work
+)
+LOG_MEL_OPTIONS = {  # option -> LogMel field, for audio inputs only
+    "--sample-rate": ("sample_rate", int, "resample all audio to this rate, Hz"),
+    "--win-ms": ("win_ms", float, "analysis window length, ms"),
+    "--hop-ms": ("hop_ms", float, "hop between frames, ms"),
+    "--n-mels": ("n_mels", int, "mel bins"),
+    "--n-fft": ("n_fft", int, "FFT size (default: the next power of two >= the window)"),
+    "--f-min": ("f_min", float, "lowest mel filter frequency, Hz"),
+    "--f-max": ("f_max", float, "highest mel filter frequency, Hz (default: half the sample rate)"),
+    "--log-floor": ("log_floor", float, "energies are clamped to this before the log"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except SpkdistError as e:
+        print(f"spkdist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spkdist: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spkdist", description="Speaker-identification training toolkit.")
+    parser.add_argument("--version", action="version", version=f"spkdist {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+# -------------------------------------------------------------------------------------------- shard
+
+
+def add_shard(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "shard",
+        help="convert a corpus into webdataset tar shards with index.json",
+        formatter_class=_help_formatter,
+        description="Read a corpus (HW4 directory, audio manifest or folder tree, or the FSDD demo), "
+        "split it into train/valid/test, shuffle (seeded) and write OUT/{split}-NNNNNN.tar shards and "
+        "OUT/index.json. A rerun rebuilds OUT from scratch; index.json is written last, so a directory "
+        "without it is unfinished.",
+    )
+    p.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        metavar="SOURCE",
+        help="HW4 directory (has mapping.json), audio folder tree ROOT/<speaker>/**/*.wav|flac, or a "
+        "manifest file (CSV/TSV with columns path,speaker[,split])",
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (with --demo: {DEMO_OUT})")
+    p.add_argument("--demo", action="store_true", help="shard the embedded FSDD recordings (no SOURCE)")
+    p.add_argument("--format", choices=("hw4", "audio"), help="input format (default: auto-detect)")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="read audio utterances from this manifest; its relative paths are resolved against SOURCE "
+        "(default: the manifest's directory)",
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="worker processes")
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=ShardOptions.valid_fraction,
+        metavar="F",
+        help="share of each speaker's train utterances held out as valid (unless the input has valid)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=ShardOptions.seed, metavar="S", help="seed of split and shuffle"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unusable items and list them in index.json, instead of stopping at the first one",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=ShardOptions.dtype, help="feature dtype in the shards"
+    )
+    p.add_argument(
+        "--shard-samples",
+        type=int,
+        metavar="N",
+        help=f"at most N samples per shard (default: {ShardOptions.max_shard_samples}, "
+        f"{DEMO_SHARD_SAMPLES} with --demo)",
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=float,
+        default=ShardOptions.max_shard_mb,
+        metavar="MB",
+        help="at most MB megabytes per shard",
+    )
+    features = p.add_argument_group("log-mel features (audio inputs only; defaults in brackets)")
+    for option, (field, kind, text) in LOG_MEL_OPTIONS.items():
+        default = LogMel.__dataclass_fields__[field].default
+        features.add_argument(option, type=kind, help=text if default is None else f"{text} [{default}]")
+    p.set_defaults(run=run_shard)
+
+
+def run_shard(args: argparse.Namespace) -> None:
+    bad = BadInput(skip=args.skip_bad)
+    log_mel_args = {field: getattr(args, field) for field, _, _ in LOG_MEL_OPTIONS.values()}
+    log_mel = LogMel(**{k: v for k, v in log_mel_args.items() if v is not None})
+    with ExitStack() as stack:  # the demo's recordings are unpacked into a temporary directory
+        if args.demo:
+            if args.source or args.manifest or args.format:
+                raise SpkdistError("--demo takes no SOURCE, --manifest or --format")
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="spkdist-fsdd-"))
+            out, corpus = args.out or DEMO_OUT, read_fsdd_demo(Path(workdir), bad)
+        elif args.out is None:
+            raise SpkdistError("--out DIR is required (except with --demo)")
+        else:
+            out, corpus = args.out, _read_corpus(args, bad)
+        if corpus.precomputed and any(v is not None for v in log_mel_args.values()):
+            raise SpkdistError(
+                f"{args.source}: log-mel options are for audio inputs; this is an HW4 directory"
+            )
+        default_samples = DEMO_SHARD_SAMPLES if args.demo else ShardOptions.max_shard_samples
+        options = ShardOptions(
+            workers=args.workers,
+            valid_fraction=args.valid_fraction,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_shard_samples=args.shard_samples or default_samples,
+            max_shard_mb=args.shard_mb,
+        )
+        print(shard(corpus, corpus.precomputed or log_mel, out, options, bad))
+
+
+def _read_corpus(args: argparse.Namespace, bad: BadInput) -> Corpus:
+    if args.manifest is not None:
+        if args.format == "hw4":
+            raise SpkdistError("--manifest lists audio files; it cannot be combined with --format hw4")
+        return read_manifest(args.manifest, args.source, bad)
+    if args.source is None:
+        raise SpkdistError("give a SOURCE (or --manifest FILE, or --demo)")
+    if detect_format(args.source, args.format) == "hw4":
+        return read_hw4(args.source, bad)
+    return read_manifest(args.source, None, bad) if args.source.is_file() else read_tree(args.source, bad)
+
+
+# ------------------------------------------------------------------------------------ verify, inspect
+
+
+def add_verify(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "verify",
+        help="re-read every shard and check it against index.json",
+        description="Re-read every shard of DIR: size and sha256 against index.json, every sample decodes "
+        "to finite (frames, n_mels) features matching its metadata, sample counts per shard and split. "
+        "Prints each problem and exits non-zero if there is any.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="shard directory (holds index.json)")
+    p.set_defaults(run=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    problems = verify(args.dir)
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise SpkdistError(f"{args.dir}: {len(problems)} problem(s) found")
+    index = load_index(args.dir)
+    shards = sum(len(info["shards"]) for info in index["splits"].values())
+    samples = sum(info["num_samples"] for info in index["splits"].values())
+    print(f"{args.dir}: OK, {shards} shards and {samples:,} samples match index.json")
+
+
+def add_inspect(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "inspect",
+        help="summarise a shard directory",
+        description="Print what index.json of DIR records: source, features, speakers, splits, skipped.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="shard directory (holds index.json)")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    index = load_index(args.dir)
+    source, features, speakers = index["source"], index["features"], list(index["speaker2id"])
+    settings = ", ".join(f"{k}={v}" for k, v in features.items() if k not in ("kind", "n_mels", "dtype"))
+    print(f"{args.dir}: {index['format']} v{index['format_version']}, by spkdist {index['tool_version']}")
+    print(f"source:   {source['format']} {source['path']} (fingerprint {source['fingerprint'][:16]})")
+    print(f"features: {features['kind']}, {features['n_mels']} mel bins, {features['dtype']}; {settings}")
+    print(f"speakers: {len(speakers)} ({', '.join(speakers[:6])}{', ...' if len(speakers) > 6 else ''})")
+    print(f"{'split':<8}{'samples':>10}{'frames':>14}{'shards':>8}{'MB':>10}")
+    for split, info in index["splits"].items():
+        megabytes = sum(s["bytes"] for s in info["shards"]) / 1e6
+        print(
+            f"{split:<8}{info['num_samples']:>10,}{info['num_frames']:>14,}{len(info['shards']):>8}{megabytes:>10.1f}"
+        )
+    print(f"settings: {', '.join(f'{k}={v}' for k, v in index['settings'].items())}")
+    print(f"skipped:  {len(index['skipped'])} bad items")
+    for item in index["skipped"]:
+        print(f"  {item['path']}: {item['reason']}")
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_shard,
+    add_verify,
+    add_inspect,
+    infer.add_evaluate,
+    infer.add_predict,
+    bench.add_command,
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""A `spkdist shard` run: Corpus -> splits in writing order -> features in worker processes -> shards, index.
+
+    split_corpus   train/valid (valid carved per speaker, seeded) and test; labeled splits shuffled (seeded)
+    _encode        (worker) file -> checked (frames, n_mels) features in the shard dtype -> sample bytes
+    shard          (main) clears OUT, writes each split through a SplitWriter, writes index.json last
+
+Workers hand back finished sample bytes through `ProcessPoolExecutor.map` (ordered, in chunks), so the
+main process only writes, and the shards' contents do not depend on the number of workers. Everything
+is seeded: the same input and seed give the same splits and byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from .badinput import BadInput, BadItemError
+from .errors import SpkdistError
+from .features import LogMel, Precomputed, cast, check_features
+from .shards import SPLITS, SplitWriter, build_index, clear_shard_dir, encode_sample, tar_sample, write_index
+from .sources import Corpus, Utterance
+
+# Utterances per task sent to a worker: large enough that per-task IPC overhead vanishes, small enough
+# that work stays balanced and the progress bar moves.
+CHUNK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How to shard; recorded in index.json (except `workers` and `progress`, which do not change output)."""
+
+    workers: int = 2
+    valid_fraction: float = 0.1
+    seed: int = 0
+    dtype: str = "float16"
+    max_shard_samples: int = 10_000
+    max_shard_mb: float = 256.0  # ~100-500 MB shards on HW4-sized data
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise SpkdistError(f"--workers must be at least 1, got {self.workers}")
+        if not 0 <= self.valid_fraction < 1:
+            raise SpkdistError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.max_shard_samples < 1 or self.max_shard_mb <= 0:
+            raise SpkdistError("shard caps (--shard-samples, --shard-mb) must be positive")
+
+
+@dataclass
+class Summary:
+    """What a run wrote, for the user and the benchmark."""
+
+    out: Path
+    samples: dict[str, int]  # per split
+    shards: dict[str, int]  # per split
+    speakers: int
+    frames: int
+    hours: float | None  # audio inputs: frames x hop; None for precomputed features
+    bytes: int
+    seconds: float
+    skipped: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"{split}: {self.samples[split]:,} utterances in {self.shards[split]} shards"
+            for split in self.samples
+        ]
+        length = f"{self.hours:,.2f} hours" if self.hours is not None else f"{self.frames:,} frames"
+        lines.append(
+            f"{sum(self.samples.values()):,} utterances, {self.speakers:,} speakers, {length}, "
+            f"{sum(self.shards.values())} shards, {self.bytes / 1e6:,.1f} MB, {self.seconds:.1f} s"
+            f" -> {self.out}"
+        )
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} bad items (--skip-bad); they are listed in index.json")
+        return "\n".join(lines)
+
+
+def split_corpus(utterances: list[Utterance], valid_fraction: float, seed: int) -> dict[str, list[Utterance]]:
+    """The utterances of each split, in writing order.
+
+    `valid` is carved from `train`, per speaker (round(n x valid_fraction) of each speaker's utterances,
+    seeded per speaker), unless the input names a valid split itself. Labeled splits are then shuffled
+    (seeded) so that every shard mixes speakers; an unlabeled split (HW4 test) keeps the input's order.
+    """
+    splits = {split: [u for u in utterances if u.split == split] for split in SPLITS}
+    if not splits["valid"] and valid_fraction > 0:
+        splits["train"], splits["valid"] = _carve_valid(splits["train"], valid_fraction, seed)
+    for split, members in splits.items():
+        if any(u.speaker is not None for u in members):
+            random.Random(f"{seed}:{split}").shuffle(members)
+    return splits
+
+
+def _carve_valid(
+    train: list[Utterance], fraction: float, seed: int
+) -> tuple[list[Utterance], list[Utterance]]:
+    by_speaker = defaultdict(list)
+    for utterance in train:
+        by_speaker[utterance.speaker].append(utterance)
+    kept, valid = [], []
+    for speaker in sorted(by_speaker):
+        members = by_speaker[speaker]
+        random.Random(f"{seed}:valid:{speaker}").shuffle(members)  # per speaker: independent of the others
+        n_valid = round(len(members) * fraction)
+        valid += [replace(u, split="valid") for u in members[:n_valid]]
+        kept += members[n_valid:]
+    return kept, valid
+
+
+# ------------------------------------------------------------------------------- worker processes
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs, sent once when the pool starts."""
+
+    extractor: LogMel | Precomputed
+    speaker2id: dict[str, int]
+    dtype: str
+
+
+class _Encoded(NamedTuple):
+    members: bytes  # the sample as tar members (`tar_sample`): the main process only appends them
+    num_frames: int
+    input_bytes: int  # size of the input file, for the source fingerprint
+
+
+_job: _Job | None = None  # this worker's job, set by _start_worker
+
+
+def _start_worker(job: _Job) -> None:
+    global _job
+    _job = job
+    torch.set_num_threads(1)  # one process per core already; intra-op threads would only contend
+
+
+def _encode(utterance: Utterance) -> _Encoded | BadItemError:
+    """One utterance as shard sample bytes, or the BadItemError saying why it is unusable."""
+    try:
+        feats = _job.extractor(utterance.path)  # (frames, n_mels)
+        check_features(feats, utterance.path, _job.extractor.n_mels, utterance.num_frames, _job.dtype)
+    except BadItemError as e:
+        return e
+    meta = {
+        "speaker": utterance.speaker,
+        "speaker_id": _job.speaker2id.get(utterance.speaker, -1),
+        "source": utterance.source,
+        "num_frames": len(feats),
+        "order": utterance.order,
+    }
+    members = tar_sample(encode_sample(utterance.key, cast(feats, _job.dtype), meta))
+    return _Encoded(members, len(feats), utterance.path.stat().st_size)
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def shard(
+    corpus: Corpus, extractor: LogMel | Precomputed, out: Path, options: ShardOptions, bad: BadInput
+) -> Summary:
+    """Write `corpus` as shards and index.json into `out`, replacing what an earlier run left there."""
+    started = time.perf_counter()
+    splits = split_corpus(corpus.utterances, options.valid_fraction, options.seed)
+    queue = [u for split in SPLITS for u in splits[split]]
+    if not queue:
+        raise SpkdistError(f"{corpus.source['path']}: no utterances to shard")
+    clear_shard_dir(out)
+    frames, sizes = dict.fromkeys(SPLITS, 0), {}
+    with ExitStack() as stack:  # on an error: workers stopped first, then unfinished .partial files deleted
+        writers = {
+            split: stack.enter_context(
+                SplitWriter(out, split, options.max_shard_samples, int(options.max_shard_mb * 1e6))
+            )
+            for split in SPLITS
+        }
+        for utterance, result in _encoded(
+            queue, _Job(extractor, corpus.speaker2id, options.dtype), stack, options
+        ):
+            if isinstance(result, BadItemError):
+                bad.report(result)
+                continue
+            writers[utterance.split].write_tar(result.members)
+            frames[utterance.split] += result.num_frames
+            sizes[utterance.key] = result.input_bytes
+    shards = {split: writers[split].shards for split in SPLITS if writers[split].shards}
+    if not shards:
+        raise SpkdistError(f"{corpus.source['path']}: every utterance was skipped as bad; nothing to shard")
+    source = {**corpus.source, "fingerprint": _fingerprint(corpus, sizes)}
+    settings = {
+        "seed": options.seed,
+        "valid_fraction": options.valid_fraction,
+        "max_shard_samples": options.max_shard_samples,
+        "max_shard_bytes": int(options.max_shard_mb * 1e6),
+    }
+    features = {**extractor.params, "dtype": options.dtype}
+    write_index(out, build_index(shards, frames, corpus.speaker2id, features, source, bad.skipped, settings))
+    return Summary(
+        out=out,
+        samples={split: sum(s.num_samples for s in entries) for split, entries in shards.items()},
+        shards={split: len(entries) for split, entries in shards.items()},
+        speakers=len(corpus.speaker2id),
+        frames=sum(frames.values()),
+        hours=sum(frames.values()) * extractor.hop_ms / 3.6e6 if isinstance(extractor, LogMel) else None,
+        bytes=sum(s.bytes for entries in shards.values() for s in entries),
+        seconds=time.perf_counter() - started,
+        skipped=len(bad.skipped),
+    )
+
+
+def _encoded(
+    queue: list[Utterance], job: _Job, stack: ExitStack, options: ShardOptions
+) -> Iterator[tuple[Utterance, _Encoded | BadItemError]]:
+    """(utterance, result) in queue order, computed by `options.workers` processes, with a progress bar.
+
+    If the caller stops early (a bad item), `stack` cancels the queued chunks and waits for the few in
+    progress. Killing the workers instead, as multiprocessing.Pool.terminate does, can cut a large result
+    off mid-write and leave the pool's result thread waiting forever.
+    """
+    executor = ProcessPoolExecutor(options.workers, initializer=_start_worker, initargs=(job,))
+    stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+    results = executor.map(_encode, queue, chunksize=CHUNK_SIZE)
+    progress = stack.enter_context(
+        tqdm(results, total=len(queue), unit="utt", desc="shard", disable=not options.progress, smoothing=0.1)
+    )
+    try:
+        yield from zip(queue, progress, strict=True)
+    except BrokenProcessPool:
+        raise SpkdistError(
+            f"a worker process died (killed, out of memory, or crashed in a decoder) after {progress.n:,} of "
+            f"{len(queue):,} utterances"
+        ) from None
+
+
+def _fingerprint(corpus: Corpus, sizes: dict[str, int]) -> str:
+    """sha256 over the input's listing files and the (path, size) of every utterance file read, in input
+    order: cheap (no second pass over the data) and it changes whenever files are added, removed,
+    renamed, resized or relabeled."""
+    digest = hashlib.sha256(json.dumps(corpus.source["sha256"], sort_keys=True).encode())
+    for utterance in corpus.utterances:
+        if utterance.key in sizes:
+            digest.update(f"{utterance.source}\0{utterance.speaker}\0{sizes[utterance.key]}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,230 @@
+"""`spkdist shard` on HW4 input, and verify, inspect, the CLI, atomicity and the shard benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from spkdist.cli import build_parser, main
+from spkdist.shards import INDEX_NAME, iter_tar_samples, load_index, ustar_header, verify
+
+
+def hw4_json(root, name):
+    return json.loads((root / name).read_text())
+
+
+def test_hw4_samples_match_the_source_files(make_hw4, shard_cli, read_split, tmp_path):
+    hw4, out = make_hw4(), tmp_path / "out"
+    assert shard_cli(hw4, out, "--workers", "2") == 0
+    index = load_index(out)
+    mapping, metadata = hw4_json(hw4, "mapping.json"), hw4_json(hw4, "metadata.json")
+    assert index["speaker2id"] == mapping["speaker2id"]
+    assert index["id2speaker"] == mapping["id2speaker"]  # string keys, as HW4 has them
+    owner = {e["feature_path"]: speaker for speaker, entries in metadata["speakers"].items() for e in entries}
+    seen_silence = False
+    for split in ("train", "valid"):
+        for key, feats, meta in read_split(out, split):
+            expected = torch.load(hw4 / meta["source"]).numpy()  # (mel_len, 40) float32
+            assert key == meta["source"].removesuffix(".pt")
+            assert feats.dtype == np.float16 and feats.shape == expected.shape == (meta["num_frames"], 40)
+            np.testing.assert_array_equal(feats, expected.astype(np.float16))
+            assert meta["speaker"] == owner[meta["source"]]
+            assert meta["speaker_id"] == mapping["speaker2id"][meta["speaker"]]
+            seen_silence |= bool((feats == -20).any())
+    assert seen_silence  # the -20 floor values survive
+    n_train = sum(len(entries) for entries in metadata["speakers"].values())
+    assert index["splits"]["train"]["num_samples"] + index["splits"]["valid"]["num_samples"] == n_train
+    assert verify(out) == []
+
+
+def test_hw4_test_split_is_unlabeled_in_testdata_order(make_hw4, shard_cli, read_split, tmp_path):
+    hw4, out = make_hw4(), tmp_path / "out"
+    assert shard_cli(hw4, out, "--shard-samples", "3") == 0
+    test = read_split(out, "test")
+    listed = [e["feature_path"] for e in hw4_json(hw4, "testdata.json")["utterances"]]
+    assert [meta["source"] for _, _, meta in test] == listed
+    assert [meta["order"] for _, _, meta in test] == list(range(len(listed)))
+    assert {(meta["speaker"], meta["speaker_id"]) for _, _, meta in test} == {(None, -1)}
+
+
+def test_valid_is_stratified_per_speaker_and_shards_mix_speakers(make_hw4, shard_cli, read_split, tmp_path):
+    hw4, out = make_hw4(n_train=200), tmp_path / "out"
+    assert shard_cli(hw4, out, "--valid-fraction", "0.2", "--shard-samples", "20") == 0
+    per_speaker = {s: len(e) for s, e in hw4_json(hw4, "metadata.json")["speakers"].items()}
+    valid = Counter(meta["speaker"] for _, _, meta in read_split(out, "valid"))
+    assert valid == {s: round(n * 0.2) for s, n in per_speaker.items() if round(n * 0.2)}
+    first_shard = read_split(out, "train")[:20]
+    assert len({meta["speaker"] for _, _, meta in first_shard}) == 4
+
+
+def test_float32_keeps_values_exactly(make_hw4, shard_cli, read_split, tmp_path):
+    hw4, out = make_hw4(), tmp_path / "out"
+    assert shard_cli(hw4, out, "--dtype", "float32") == 0
+    _, feats, meta = read_split(out, "train")[0]
+    assert feats.dtype == np.float32
+    np.testing.assert_array_equal(feats, torch.load(hw4 / meta["source"]).numpy())
+    assert load_index(out)["features"]["dtype"] == "float32"
+
+
+def test_same_input_and_seed_give_identical_shards(make_hw4, shard_cli, tmp_path):
+    hw4 = make_hw4()
+    runs = {
+        "one worker": ("--shard-samples", "7"),
+        "two workers": ("--shard-samples", "7", "--workers", "2"),
+        "other seed": ("--shard-samples", "7", "--seed", "1"),
+    }
+    index = {}
+    for name, options in runs.items():
+        assert shard_cli(hw4, tmp_path / name, *options) == 0
+        index[name] = load_index(tmp_path / name)
+    assert index["one worker"] == index["two workers"]  # every byte of every shard (sha256) too
+    assert index["other seed"]["splits"] != index["one worker"]["splits"]
+    assert index["other seed"]["source"]["fingerprint"] == index["one worker"]["source"]["fingerprint"]
+
+
+def test_shards_respect_sample_and_byte_caps(make_hw4, shard_cli, tmp_path):
+    hw4 = make_hw4()
+    assert shard_cli(hw4, tmp_path / "count", "--shard-samples", "6") == 0
+    counts = [s["num_samples"] for s in load_index(tmp_path / "count")["splits"]["train"]["shards"]]
+    assert counts[:-1] == [6] * (len(counts) - 1) and 0 < counts[-1] <= 6
+
+    cap = 0.03  # MB: a few samples of 20-80 frames x 40 mels x 2 bytes each
+    assert shard_cli(hw4, tmp_path / "bytes", "--shard-mb", str(cap)) == 0
+    shards = load_index(tmp_path / "bytes")["splits"]["train"]["shards"]
+    assert len(shards) > 3
+    tar_end = 10240  # end-of-archive blocks and record padding come on top of the members
+    assert all(s["bytes"] <= cap * 1e6 + tar_end for s in shards if s["num_samples"] > 1)
+    assert verify(tmp_path / "bytes") == []
+
+
+def test_verify_catches_a_flipped_byte(make_hw4, shard_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shard_cli(make_hw4(), out) == 0
+    assert main(["verify", str(out)]) == 0
+    shard = out / load_index(out)["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    assert any("sha256" in problem for problem in verify(out))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2
+    assert f"{shard}: sha256 does not match index.json" in capsys.readouterr().out
+
+
+def test_inspect_prints_a_summary(make_hw4, shard_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shard_cli(make_hw4(), out) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    index = load_index(out)
+    assert "speakers: 4 (id10001, id10002, id10003, id10004)" in text
+    for split, info in index["splits"].items():
+        assert any(line.split()[:2] == [split, str(info["num_samples"])] for line in text.splitlines())
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+def test_every_option_of_the_shard_commands_is_documented():
+    commands = subparsers(build_parser())
+    parsers = [
+        commands["shard"],
+        commands["verify"],
+        commands["inspect"],
+        subparsers(commands["bench"])["shard"],
+    ]
+    for parser in parsers:
+        options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+        assert options
+        for action in options:
+            assert action.help, f"{parser.prog}: {action.dest} has no help text"
+            assert all(option in parser.format_help() for option in action.option_strings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["shard", "{tmp}/nowhere", "--out", "{tmp}/out"], "{tmp}/nowhere: no such file or directory"),
+        (["shard", "--out", "{tmp}/out"], "give a SOURCE"),
+        (["shard", "--demo", "{tmp}"], "--demo takes no SOURCE"),
+        (["shard", "{tmp}"], "--out DIR is required"),
+        (["verify", "{tmp}"], "{tmp}/index.json: missing"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, tmp_path, cli_error):
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    assert message.format(tmp=tmp_path) in cli_error()
+
+
+def test_hw4_input_rejects_log_mel_options(make_hw4, shard_cli, cli_error, tmp_path):
+    assert shard_cli(make_hw4(), tmp_path / "out", "--n-mels", "80") == 2
+    assert "log-mel options are for audio inputs" in cli_error()
+
+
+def test_killed_run_never_looks_complete_and_a_rerun_rebuilds(make_hw4, shard_cli, tmp_path):
+    """SIGKILL while shards are written (one sample per shard, each fsynced: writing takes a while)."""
+    hw4, out = make_hw4(n_train=400, n_test=0, frames=(200, 400)), tmp_path / "out"
+    assert shard_cli(hw4, out) == 0  # a complete directory first: the killed rerun must not look complete
+    command = [sys.executable, "-m", "spkdist.cli", "shard", str(hw4), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(
+        [*command, "--shard-samples", "1"], stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-000003.tar").exists() or (out / INDEX_NAME).exists():
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the run ended before it could be killed"
+            )
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its worker process too
+    assert not (out / INDEX_NAME).exists()
+    assert len(list(out.glob("*.partial"))) <= 1
+    finished = sorted(out.glob("*.tar"))
+    assert len(finished) >= 4
+    for path in finished:  # complete tar files, each with one whole sample
+        [(_, parts)] = iter_tar_samples(path)
+        meta, feats = json.loads(parts["json"]), np.load(io.BytesIO(parts["npy"]))
+        assert feats.shape == (meta["num_frames"], 40)
+
+    assert shard_cli(hw4, out) == 0
+    assert verify(out) == []
+    assert not list(out.glob("*.partial"))
+    assert sum(split["num_samples"] for split in load_index(out)["splits"].values()) == 400
+
+
+def test_bench_shard_reports_json(capsys, tmp_path):
+    assert main(["bench", "shard", "--scale", "0.001", "--dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["utterances"] == 608  # every one of the 600 speakers keeps a train utterance, + 8 test
+    assert result["utts_per_s"] > 0 and result["mb_per_s"] > 0
+    assert result["ratio_to_tar"] == pytest.approx(result["shard_s"] / result["tar_s"], rel=0.01)
+    assert list(tmp_path.iterdir()) == []  # the benchmark's data is cleaned up
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("a.json", 0), ("uttr-0123456789abcdef.npy", 48_128), ("k" * 100, 10**9)]
+)
+def test_tar_headers_are_the_ones_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = size, 0o444
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
