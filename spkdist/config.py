@@ -94,10 +94,12 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss or gradient norm that stop the run."""
     eval_split: str = "valid"
     """Shard split evaluated during training."""
+    collective_timeout: int = 600
+    """Seconds a rank waits in a collective (joining included) for the others before the job fails."""
 
     def validate(self) -> None:
         _positive(self, "max_steps", "grad_accum", "eval_every", "save_every", "keep_last", "log_every")
-        _positive(self, "max_nonfinite")
+        _positive(self, "max_nonfinite", "collective_timeout")
         if self.clip_grad_norm < 0:
             raise ValueError(f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
 

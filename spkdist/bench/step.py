@@ -1,0 +1,161 @@
+"""Optimizer-step time of our Accelerate training step against a bare PyTorch loop, per model.
+
+Both loops train the same recipe model (from configs/<name>.yaml) on the same in-memory batches, one
+process, on the CPU or the one GPU this machine has:
+
+    bare  forward, cross-entropy, backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad
+    ours  `spkdist.train.train_step`: the exact step the trainer runs (Accelerate-prepared model,
+          optimizer and schedule, `accumulate`, clipping, the non-finite check, the metric meter)
+
+The two loops alternate --repeats times (--steps timed steps each, after --warmup untimed ones) and the
+median of each is reported, so a slow moment of the machine does not land on one side only. Prints one
+JSON line per model: model, ours_s_per_step, bare_s_per_step, ratio. Goal: ratio <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from ..config import load_config
+from ..models import MODEL_NAMES, build_model
+from ..stream import Batch
+from ..train import Meter, make_optimizer, train_step, warmup_cosine
+
+N_SPEAKERS, N_MELS = 600, 40  # HW4-shaped
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODEL_NAMES),
+        choices=MODEL_NAMES,
+        help="recipes to time (configs/<name>.yaml)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
+    parser.add_argument("--segment-len", type=int, default=128, help="frames per utterance")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timings of each loop")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+
+
+def make_batches(n: int, batch_size: int, segment_len: int, device: torch.device) -> list[Batch]:
+    """`n` random full-length batches, already on `device` (no data loading in either loop)."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        Batch(
+            mels=torch.randn(batch_size, segment_len, N_MELS, generator=generator).to(device),
+            lengths=torch.full((batch_size,), segment_len, device=device),
+            labels=torch.randint(0, N_SPEAKERS, (batch_size,), generator=generator).to(device),
+            keys=[""] * batch_size,
+            sources=[""] * batch_size,
+            orders=list(range(batch_size)),
+        )
+        for _ in range(n)
+    ]
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of `step()`, after `warmup` untimed calls; waits for the device at both ends."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str):
+    """The homework-style loop: nothing between the model and the optimizer."""
+    model = build_model(cfg.model, N_MELS, N_SPEAKERS).to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    position = 0
+
+    def step() -> None:
+        nonlocal position
+        batch = batches[position % len(batches)]
+        position += 1
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch.mels, batch.lengths, batch.labels)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
+    """`train_step` exactly as `spkdist.train.run` calls it."""
+    model = build_model(cfg.model, N_MELS, N_SPEAKERS)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    meter = Meter(accelerator.device, world_size=1)
+    stream = itertools.cycle(batches)
+
+    def step() -> None:
+        train_step(accelerator, model, optimizer, scheduler, stream, meter, 1, cfg.train.clip_grad_norm)
+
+    return step
+
+
+def run(args: argparse.Namespace) -> dict:
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        step_scheduler_with_optimizer=False,
+    )
+    device = accelerator.device
+    print(
+        f"device {device}, batch {args.batch_size} x {args.segment_len} frames, "
+        f"mixed precision {args.mixed_precision}, threads {torch.get_num_threads()}"
+    )
+    batches = make_batches(8, args.batch_size, args.segment_len, device)
+    results = []
+    for name in args.models:
+        cfg = load_config(f"{name}.yaml")
+        bare, ours = (
+            bare_loop(cfg, batches, device, args.mixed_precision),
+            our_loop(cfg, batches, accelerator),
+        )
+        bare_times, our_times = [], []
+        for _ in range(args.repeats):
+            bare_times.append(time_steps(bare, args.steps, args.warmup, device))
+            our_times.append(time_steps(ours, args.steps, args.warmup, device))
+        result = {
+            "model": name,
+            "ours_s_per_step": round(statistics.median(our_times), 5),
+            "bare_s_per_step": round(statistics.median(bare_times), 5),
+        }
+        result["ratio"] = round(result["ours_s_per_step"] / result["bare_s_per_step"], 3)
+        print(
+            f"{name}: ours {result['ours_s_per_step']:.4f} s/step, bare {result['bare_s_per_step']:.4f} "
+            f"s/step, ratio {result['ratio']:.3f}"
+        )
+        results.append(result)
+    for result in results[:-1]:
+        print(json.dumps(result))
+    return results[-1]  # printed as the final JSON line by `spkdist bench`

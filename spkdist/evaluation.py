@@ -1,0 +1,49 @@
+"""Loss, accuracy and predictions over a whole split, for the trainer and `spkdist evaluate/predict`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from .errors import SpkdistError
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, batches: Iterable) -> dict[str, float]:
+    """Loss, accuracy and sample count over every batch of every rank, exactly.
+
+    Ranks hold different numbers of evaluation batches (shards are split between them), so instead of a
+    per-batch `gather_for_metrics`, which would wait on ranks that have run out, each rank keeps running
+    sums and one all-reduce combines them at the end.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
+    for batch in batches:
+        batch = batch.to(accelerator.device)
+        if (batch.labels < 0).any():
+            raise SpkdistError(f"unlabeled utterance {batch.sources[0]} in an evaluation split")
+        logits = model(batch.mels, batch.lengths).float()  # (B, n_speakers), margin-free at eval
+        sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum")
+        sums[1] += (logits.argmax(-1) == batch.labels).sum()
+        sums[2] += batch.labels.numel()
+    model.train(was_training)
+    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
+    if count == 0:
+        raise SpkdistError("the evaluation split is empty")
+    return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable, device: torch.device) -> list[tuple[int, str, int]]:
+    """(order, source, predicted class id) per utterance, sorted back into the source's own order."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        batch = batch.to(device)
+        predicted = model(batch.mels, batch.lengths).argmax(-1).tolist()  # (B,)
+        rows += zip(batch.orders, batch.sources, predicted, strict=False)
+    return sorted(rows)
