@@ -1,0 +1,153 @@
+"""Scale-out on CPU: DeepSpeed ZeRO-2 with 2 processes, and two 'nodes' on loopback forming one world."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import REPO, cli_env, make_tiny_shards, small_overrides
+
+from spkdist.infer import run_evaluate
+
+pytest.importorskip("deepspeed")
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+PROBE = str(REPO / "tests" / "train_probe.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_ranks(prefix: Path) -> list[dict]:
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(2)]
+
+
+def run_checked(command: list[str], timeout: int = 600) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = [
+        *LAUNCH,
+        "--config_file",
+        str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    overrides = [*small_overrides(tiny_shards, run_dir, steps=6), "train.save_every=3", "optim.lr=3e-3"]
+
+    first = tmp_path / "first"
+    output = run_checked(
+        [*launcher, PROBE, str(first), "--config", "sample.yaml", *overrides, "train.max_steps=3"]
+    )
+    assert "2 process(es), DEEPSPEED" in output
+    ranks = read_ranks(first)
+    assert [r["world_size"] for r in ranks] == [2, 2]  # a naive launch runs 2 separate 1-process jobs
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+    resumed = tmp_path / "resumed"
+    launcher[launcher.index("--main_process_port") + 1] = str(free_port())
+    output = run_checked(
+        [*launcher, PROBE, str(resumed), "--config", "sample.yaml", *overrides, "train.resume=latest"]
+    )
+    assert "at step 3" in output
+    ranks = read_ranks(resumed)
+    assert [r["step"] for r in ranks] == [6, 6]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] != read_ranks(first)[0]["checksum"]
+
+    # the DeepSpeed checkpoint's consolidated weights load on CPU without DeepSpeed
+    metrics = run_evaluate(str(run_dir), str(tiny_shards), "valid", batch_size=16, num_workers=0)
+    assert metrics["num_samples"] == 20
+    assert metrics["accuracy"] == pytest.approx(ranks[0]["metrics"]["accuracy"])
+
+
+def node_command(rank: int, port: int, prefix: Path, shards: Path, run_dir: Path) -> list[str]:
+    """One node's launch of a 2-node job on loopback, one process per node."""
+    return [
+        *LAUNCH,
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--rdzv_conf",
+        "timeout=30",  # the launcher gives up on a node that never joins after 30 s (default: 600 s)
+        PROBE,
+        str(prefix),
+        "--config",
+        "sample.yaml",
+        *small_overrides(shards, run_dir, steps=4),
+    ]
+
+
+def start_group(command: list[str]) -> subprocess.Popen:
+    """Start a launcher in its own process group, so a test can always kill it with all its workers."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def finish_groups(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Wait for every launcher (bounded), then kill whatever is left of their process groups."""
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_two_nodes_on_loopback_form_one_world(tiny_shards, tmp_path):
+    port, prefix = free_port(), tmp_path / "probe"
+    nodes = [start_group(node_command(r, port, prefix, tiny_shards, tmp_path / "run")) for r in (0, 1)]
+    outputs = finish_groups(nodes, timeout=300)
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    ranks = read_ranks(prefix)
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [4, 4]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+def test_a_node_that_never_joins_fails_within_the_timeout(tiny_shards, tmp_path):
+    start = time.time()
+    node = start_group(node_command(0, free_port(), tmp_path / "probe", tiny_shards, tmp_path / "run"))
+    output = finish_groups([node], timeout=240)[0]
+    assert node.returncode != 0
+    assert time.time() - start < 120, output[-2000:]
