@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spkdist", description="Speaker-identification training toolkit.")
+    parser = Parser(prog="spkdist", description="Speaker-identification training toolkit.")
     parser.add_argument("--version", action="version", version=f"spkdist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
@@ -64,8 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _help_formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, unless there is none to show (None, False) or the help
+    text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with `HelpFormatter`; the parsers of (nested) subcommands inherit both."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------- shard
@@ -75,7 +89,6 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "shard",
         help="convert a corpus into webdataset tar shards with index.json",
-        formatter_class=_help_formatter,
         description="Read a corpus (HW4 directory, audio manifest or folder tree, or the FSDD demo), "
         "split it into train/valid/test, shuffle (seeded) and write OUT/{split}-NNNNNN.tar shards and "
         "OUT/index.json. A rerun rebuilds OUT from scratch; index.json is written last, so a directory "
@@ -132,10 +145,12 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
         metavar="MB",
         help="at most MB megabytes per shard",
     )
-    features = p.add_argument_group("log-mel features (audio inputs only; defaults in brackets)")
+    features = p.add_argument_group("log-mel features (audio inputs only)")
     for option, (field, kind, text) in LOG_MEL_OPTIONS.items():
         default = LogMel.__dataclass_fields__[field].default
-        features.add_argument(option, type=kind, help=text if default is None else f"{text} [{default}]")
+        features.add_argument(
+            option, type=kind, help=text if default is None else f"{text} (default: {default})"
+        )
     p.set_defaults(run=run_shard)
 
 

@@ -75,18 +75,22 @@ class Summary:
 
     def __str__(self) -> str:
         lines = [
-            f"{split}: {self.samples[split]:,} utterances in {self.shards[split]} shards"
+            f"{split}: {self.samples[split]:,} utterances in {_count(self.shards[split], 'shard')}"
             for split in self.samples
         ]
         length = f"{self.hours:,.2f} hours" if self.hours is not None else f"{self.frames:,} frames"
         lines.append(
             f"{sum(self.samples.values()):,} utterances, {self.speakers:,} speakers, {length}, "
-            f"{sum(self.shards.values())} shards, {self.bytes / 1e6:,.1f} MB, {self.seconds:.1f} s"
+            f"{_count(sum(self.shards.values()), 'shard')}, {self.bytes / 1e6:,.1f} MB, {self.seconds:.1f} s"
             f" -> {self.out}"
         )
         if self.skipped:
-            lines.append(f"skipped {self.skipped} bad items (--skip-bad); they are listed in index.json")
+            lines.append(f"skipped {_count(self.skipped, 'bad item')} (--skip-bad), listed in index.json")
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def split_corpus(utterances: list[Utterance], valid_fraction: float, seed: int) -> dict[str, list[Utterance]]:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .badinput import BadInput, BadItemError
@@ -38,6 +39,7 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 MANIFEST_COLUMNS = ("path", "speaker", "split")
 # Member names in a shard are `<key>.json` / `<key>.npy` and must fit the 100-byte ustar name field.
 MAX_KEY_LENGTH = 80
+NOT_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(slots=True)
@@ -77,7 +79,7 @@ def sample_key(name: str) -> str:
     """The shard sample key for an input path: the path without its suffix, every character outside
     [A-Za-z0-9_-] replaced by `_` (webdataset splits member names at the first dot). Long paths keep
     their tail plus a hash of the whole path."""
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", str(PurePosixPath(name).with_suffix("")))
+    key = NOT_KEY_CHARS.sub("_", os.path.splitext(name)[0])
     if len(key) > MAX_KEY_LENGTH:
         key = f"{key[-(MAX_KEY_LENGTH - 13) :]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return key

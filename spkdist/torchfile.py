@@ -103,7 +103,7 @@ def load_tensor(path: Path) -> np.ndarray:
     floating-point tensor.
     """
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:  # unbuffered: one read straight into `raw`
             # Into a bytearray: the array is a view of it, and torch (used to cast) needs writable memory.
             raw = bytearray(os.fstat(f.fileno()).st_size)
             if f.readinto(raw) != len(raw):

@@ -125,7 +125,7 @@ def test_bad_hw4_item_stops_the_run_or_is_skipped(
         and message in f"{index['skipped'][0]['path']}: {index['skipped'][0]['reason']}"
     )
     assert sum(split["num_samples"] for split in index["splits"].values()) == 40 + 8 - 1
-    assert "skipped 1 bad items" in capsys.readouterr().out
+    assert "skipped 1 bad item (--skip-bad)" in capsys.readouterr().out
 
 
 HW4_FATAL_CASES = [

@@ -30,7 +30,6 @@ def add_command(commands: argparse._SubParsersAction) -> None:
             name,
             help=module.__doc__.split("\n", 1)[0],
             description=module.__doc__,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.add_arguments(sub)
         sub.set_defaults(run=partial(_run, module))
