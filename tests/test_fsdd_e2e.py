@@ -22,6 +22,11 @@ def test_fsdd_shard_train_evaluate_predict(fsdd_shards, tmp_path):
             f"data.shards={fsdd_shards}",
             f"train.output_dir={run_dir}",
             "train.max_steps=150",
+            # a narrower boss than the demo's, to keep the test short
+            "model.d_model=96",
+            "model.n_layers=2",
+            "model.kernel_size=15",
+            "model.ffn_dim=192",
             "train.eval_every=75",
             "log.tracker=none",
         ],
