@@ -8,9 +8,9 @@ array in the shard dtype, or a BadItemError naming the file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,7 +93,7 @@ class LogMel:
     def _resamplers(self) -> dict[int, torchaudio.transforms.Resample]:
         return {}  # by source rate: a Resample transform builds its filter once, not per file
 
-    def __call__(self, path: Path) -> np.ndarray:
+    def __call__(self, path: str) -> np.ndarray:
         samples, rate = _read_audio(path)  # (samples, channels)
         wave = torch.from_numpy(samples.mean(axis=1))  # (samples,)
         if rate != self.sample_rate:
@@ -104,9 +104,9 @@ class LogMel:
         return mel.clamp(min=self.log_floor).log().T.numpy()  # (frames, n_mels)
 
 
-def _read_audio(path: Path) -> tuple[np.ndarray, int]:
+def _read_audio(path: str) -> tuple[np.ndarray, int]:
     """(samples, channels) float32 samples and the sample rate; BadItemError if unreadable or empty."""
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise BadItemError(path, "file not found")
     try:
         samples, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -127,12 +127,12 @@ class Precomputed:
     def params(self) -> dict[str, Any]:
         return {"kind": "precomputed", "n_mels": self.n_mels, "files": "torch.save tensors (frames, n_mels)"}
 
-    def __call__(self, path: Path) -> np.ndarray:
+    def __call__(self, path: str) -> np.ndarray:
         return load_tensor(path)  # (frames, n_mels) if the file is what it should be; checked next
 
 
 def check_features(
-    feats: np.ndarray, path: Path, n_mels: int, expected_frames: int | None, dtype: str
+    feats: np.ndarray, path: str, n_mels: int, expected_frames: int | None, dtype: str
 ) -> None:
     """Raise BadItemError unless `feats` is a finite (frames >= 1, n_mels) array whose values fit `dtype`.
 

@@ -1,19 +1,23 @@
 """A `spkdist shard` run: Corpus -> splits in writing order -> features in worker processes -> shards, index.
 
     split_corpus   train/valid (valid carved per speaker, seeded) and test; labeled splits shuffled (seeded)
-    _encode        (worker) file -> checked (frames, n_mels) features in the shard dtype -> sample bytes
+    _encode_chunk  (worker) files -> checked (frames, n_mels) features in the shard dtype -> tar members
     shard          (main) clears OUT, writes each split through a SplitWriter, writes index.json last
 
-Workers hand back finished sample bytes through `ProcessPoolExecutor.map` (ordered, in chunks), so the
-main process only writes, and the shards' contents do not depend on the number of workers. Everything
-is seeded: the same input and seed give the same splits and byte-identical shards.
+Workers encode chunks of consecutive utterances (`ProcessPoolExecutor.map`, in order) into spool files
+of finished tar members, so the main process only appends bytes, and the shards' contents do not depend
+on the number of workers. Everything is seeded: the same input and seed give the same splits and
+byte-identical shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -33,8 +37,8 @@ from .features import LogMel, Precomputed, cast, check_features
 from .shards import SPLITS, SplitWriter, build_index, clear_shard_dir, encode_sample, tar_sample, write_index
 from .sources import Corpus, Utterance
 
-# Utterances per task sent to a worker: large enough that per-task IPC overhead vanishes, small enough
-# that work stays balanced and the progress bar moves.
+# Utterances per task sent to a worker: large enough that per-task overhead vanishes, small enough that
+# work stays balanced, the progress bar moves and the spool files (~2 MB each on HW4) stay small.
 CHUNK_SIZE = 32
 
 
@@ -138,7 +142,9 @@ class _Job:
 
 
 class _Encoded(NamedTuple):
-    members: bytes  # the sample as tar members (`tar_sample`): the main process only appends them
+    """One utterance done by a worker; its tar members are in the chunk's spool file."""
+
+    size: int  # bytes of its tar members (`tar_sample`): the main process appends them as they are
     num_frames: int
     input_bytes: int  # size of the input file, for the source fingerprint
 
@@ -150,15 +156,39 @@ def _start_worker(job: _Job) -> None:
     global _job
     _job = job
     torch.set_num_threads(1)  # one process per core already; intra-op threads would only contend
+    # Ctrl-C signals the whole process group. Only the main process acts on it: it cancels the queued
+    # work and lets the workers finish their chunk and exit (interrupted workers would block the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _encode(utterance: Utterance) -> _Encoded | BadItemError:
-    """One utterance as shard sample bytes, or the BadItemError saying why it is unusable."""
+def _encode_chunk(spool: str, utterances: list[Utterance]) -> list[_Encoded | BadItemError]:
+    """Encode consecutive utterances: their tar members, one after the other, into the file `spool`; per
+    utterance its `_Encoded` or the BadItemError saying why it is unusable.
+
+    The bytes go through a file rather than back through the pool's pipe, which would cost the main
+    process (the bottleneck: it also hashes and writes every byte) three more copies of them.
+    """
+    results, members = [], []
+    for utterance in utterances:
+        try:
+            sample, num_frames = _encode(utterance)
+        except BadItemError as e:
+            results.append(e)
+            continue
+        members.append(sample)
+        results.append(_Encoded(len(sample), num_frames, os.stat(utterance.path).st_size))
     try:
-        feats = _job.extractor(utterance.path)  # (frames, n_mels)
-        check_features(feats, utterance.path, _job.extractor.n_mels, utterance.num_frames, _job.dtype)
-    except BadItemError as e:
-        return e
+        with open(spool, "wb") as f:
+            f.writelines(members)
+    except OSError as e:
+        raise SpkdistError(f"{spool}: cannot write a worker's output ({e.strerror or e})") from None
+    return results
+
+
+def _encode(utterance: Utterance) -> tuple[bytes, int]:
+    """One utterance as tar members and its frame count; BadItemError if it is unusable."""
+    feats = _job.extractor(utterance.path)  # (frames, n_mels)
+    check_features(feats, utterance.path, _job.extractor.n_mels, utterance.num_frames, _job.dtype)
     meta = {
         "speaker": utterance.speaker,
         "speaker_id": _job.speaker2id.get(utterance.speaker, -1),
@@ -166,8 +196,7 @@ def _encode(utterance: Utterance) -> _Encoded | BadItemError:
         "num_frames": len(feats),
         "order": utterance.order,
     }
-    members = tar_sample(encode_sample(utterance.key, cast(feats, _job.dtype), meta))
-    return _Encoded(members, len(feats), utterance.path.stat().st_size)
+    return tar_sample(encode_sample(utterance.key, cast(feats, _job.dtype), meta)), len(feats)
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -191,15 +220,16 @@ def shard(
             )
             for split in SPLITS
         }
-        for utterance, result in _encoded(
-            queue, _Job(extractor, corpus.speaker2id, options.dtype), stack, options
-        ):
-            if isinstance(result, BadItemError):
-                bad.report(result)
-                continue
-            writers[utterance.split].write_tar(result.members)
-            frames[utterance.split] += result.num_frames
-            sizes[utterance.key] = result.input_bytes
+        job = _Job(extractor, corpus.speaker2id, options.dtype)
+        for chunk, results, members in _encoded_chunks(queue, job, stack, options):
+            for utterance, result in zip(chunk, results, strict=True):
+                if isinstance(result, BadItemError):
+                    bad.report(result)
+                    continue
+                writers[utterance.split].write_tar(members[: result.size])
+                members = members[result.size :]
+                frames[utterance.split] += result.num_frames
+                sizes[utterance.key] = result.input_bytes
     shards = {split: writers[split].shards for split in SPLITS if writers[split].shards}
     if not shards:
         raise SpkdistError(f"{corpus.source['path']}: every utterance was skipped as bad; nothing to shard")
@@ -225,28 +255,41 @@ def shard(
     )
 
 
-def _encoded(
+def _encoded_chunks(
     queue: list[Utterance], job: _Job, stack: ExitStack, options: ShardOptions
-) -> Iterator[tuple[Utterance, _Encoded | BadItemError]]:
-    """(utterance, result) in queue order, computed by `options.workers` processes, with a progress bar.
+) -> Iterator[tuple[list[Utterance], list[_Encoded | BadItemError], memoryview]]:
+    """(utterances, their results, their tar members) for consecutive chunks of `queue`, in order,
+    computed by `options.workers` processes, with a progress bar.
 
-    If the caller stops early (a bad item), `stack` cancels the queued chunks and waits for the few in
-    progress. Killing the workers instead, as multiprocessing.Pool.terminate does, can cut a large result
-    off mid-write and leave the pool's result thread waiting forever.
+    If the caller stops early (a bad item, Ctrl-C), `stack` cancels the queued chunks and waits for the
+    few in progress. Killing the workers instead, as multiprocessing.Pool.terminate does, can cut a
+    result off mid-write and leave the pool's result thread waiting forever.
     """
+    spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spkdist-spool-")))
     executor = ProcessPoolExecutor(options.workers, initializer=_start_worker, initargs=(job,))
     stack.callback(executor.shutdown, wait=True, cancel_futures=True)
-    results = executor.map(_encode, queue, chunksize=CHUNK_SIZE)
+    chunks = [queue[start : start + CHUNK_SIZE] for start in range(0, len(queue), CHUNK_SIZE)]
+    spools = [str(spool / str(number)) for number in range(len(chunks))]
     progress = stack.enter_context(
-        tqdm(results, total=len(queue), unit="utt", desc="shard", disable=not options.progress, smoothing=0.1)
+        tqdm(total=len(queue), unit="utt", desc="shard", disable=not options.progress, smoothing=0.1)
     )
     try:
-        yield from zip(queue, progress, strict=True)
+        for chunk, path, results in zip(chunks, spools, executor.map(_encode_chunk, spools, chunks)):
+            yield chunk, results, memoryview(_take(path))
+            progress.update(len(chunk))
     except BrokenProcessPool:
         raise SpkdistError(
             f"a worker process died (killed, out of memory, or crashed in a decoder) after {progress.n:,} of "
             f"{len(queue):,} utterances"
         ) from None
+
+
+def _take(path: str) -> bytes:
+    """The contents of a spool file, which is then deleted."""
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    return data
 
 
 def _fingerprint(corpus: Corpus, sizes: dict[str, int]) -> str:

@@ -36,6 +36,7 @@ SPLITS = ("train", "valid", "test")
 PARTIAL_SUFFIX = ".partial"
 TAR_BLOCK = 512  # tar header size and the unit member data is padded to
 TAR_RECORD = 20 * TAR_BLOCK  # tar(1) and tarfile pad whole archives to 10 KiB records
+WRITEBACK_BYTES = 16 << 20  # a shard being written is pushed towards the disk every 16 MiB
 
 
 def shard_name(split: str, number: int) -> str:
@@ -132,6 +133,7 @@ class SplitWriter:
     _digest: Any = None  # hashlib sha256 of the open shard
     _count: int = 0  # samples in the open shard
     _size: int = 0  # bytes of the open shard's members
+    _flushing_from: int = 0  # the open shard's bytes from here on are not yet being written to disk
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append a sample dict (`__key__` plus extension -> bytes, as `encode_sample` makes it)."""
@@ -149,6 +151,9 @@ class SplitWriter:
         self._digest.update(members)
         self._count += 1
         self._size += len(members)
+        if self._size - self._flushing_from >= WRITEBACK_BYTES:
+            _start_writeback(self._file, self._flushing_from, self._size)
+            self._flushing_from = self._size
 
     def close(self) -> list[ShardEntry]:
         """Finish the open shard; the list of all shards written."""
@@ -157,17 +162,20 @@ class SplitWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Drop the unfinished shard (finished shards stay: without index.json they are never used)."""
+        """Drop the unfinished shard (finished shards stay: without index.json they are never used).
+
+        Also right after an interrupt (Ctrl-C) that can land anywhere, e.g. between closing and renaming.
+        """
         if self._file is not None:
             self._file.close()
             self._file = None
-            self._partial_path().unlink(missing_ok=True)
+        self._partial_path().unlink(missing_ok=True)
 
     def _open_shard(self) -> None:
         # Default buffering: samples (tens of KB) bypass the 8 KiB buffer and go straight to the file.
         self._file = open(self._partial_path(), "wb")  # noqa: SIM115 (closed in _finish_shard)
         self._digest = hashlib.sha256()
-        self._count = self._size = 0
+        self._count = self._size = self._flushing_from = 0
 
     def _finish_shard(self) -> None:
         # End of archive: two zero blocks, then zeros up to a whole record, as tar(1) writes it.
@@ -196,6 +204,15 @@ class SplitWriter:
             self.close()
         else:
             self.abort()
+
+
+def _start_writeback(file: BinaryIO, start: int, end: int) -> None:
+    """Have the kernel start writing bytes [start, end) of `file` to disk, without waiting for it, so that
+    the fsync completing the shard has little left to wait for. On Linux, POSIX_FADV_DONTNEED does that
+    for dirty pages (it drops only clean ones, and a freshly written range has none)."""
+    if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: there the fsync does all the work
+        file.flush()
+        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def clear_shard_dir(out_dir: Path) -> None:

@@ -47,7 +47,8 @@ class Utterance:
     """One input utterance, before its features are read."""
 
     key: str  # the sample key in the shards, unique within the corpus
-    path: Path  # the file to read
+    path: str  # the file to read (a str: pathlib would cost more than the rest of the record, here and
+    # in the workers it is pickled to)
     source: str  # the path as the input names it; recorded in the sample's .json
     speaker: str | None  # None: unlabeled
     split: str  # "train" (valid may be carved from it), "valid" or "test"
@@ -104,7 +105,7 @@ def read_hw4(root: Path, bad: BadInput) -> Corpus:
         if not isinstance(entries, list):
             raise SpkdistError(f"{files[1]}: speakers.{speaker} must be a list of utterances")
         for i, entry in enumerate(entries):
-            utterance = _hw4_utterance(root, entry, f"{files[1]}: speakers.{speaker}[{i}]", bad)
+            utterance = _hw4_utterance(str(root), entry, f"{files[1]}: speakers.{speaker}[{i}]", bad)
             if utterance is None:
                 continue
             if speaker not in speaker2id:
@@ -115,7 +116,7 @@ def read_hw4(root: Path, bad: BadInput) -> Corpus:
             utterance.speaker, utterance.order = speaker, len(utterances)
             utterances.append(utterance)
     for i, entry in enumerate(_field(testdata, "utterances", list, files[2])):
-        utterance = _hw4_utterance(root, entry, f"{files[2]}: utterances[{i}]", bad)
+        utterance = _hw4_utterance(str(root), entry, f"{files[2]}: utterances[{i}]", bad)
         if utterance is not None:
             utterance.split, utterance.order = "test", i
             utterances.append(utterance)
@@ -139,14 +140,14 @@ def _hw4_n_mels(document: Any, path: Path) -> int:
     return n_mels
 
 
-def _hw4_utterance(root: Path, entry: Any, where: str, bad: BadInput) -> Utterance | None:
+def _hw4_utterance(root: str, entry: Any, where: str, bad: BadInput) -> Utterance | None:
     """An utterance (speaker, split and order still to be set) from a metadata/testdata entry."""
     feature_path = entry.get("feature_path") if isinstance(entry, dict) else None
     mel_len = entry.get("mel_len") if isinstance(entry, dict) else None
     if not isinstance(feature_path, str) or not feature_path:
         bad.report(BadItemError(where, "entry has no feature_path"))
         return None
-    path = root / feature_path
+    path = os.path.join(root, feature_path)
     if mel_len is not None and (type(mel_len) is not int or mel_len < 0):
         bad.report(BadItemError(where, f"mel_len must be a non-negative integer, got {mel_len!r}"))
         return None
@@ -188,7 +189,14 @@ def read_manifest(manifest: Path, base: Path | None, bad: BadInput) -> Corpus:
         else:
             path = fields["path"]
             utterances.append(
-                Utterance(sample_key(path), base / path, path, fields["speaker"], split, len(utterances))
+                Utterance(
+                    sample_key(path),
+                    os.path.join(base, path),
+                    path,
+                    fields["speaker"],
+                    split,
+                    len(utterances),
+                )
             )
     return _corpus(utterances, _speaker_ids(utterances), "audio-manifest", manifest, [manifest], bad)
 
@@ -204,7 +212,7 @@ def read_tree(root: Path, bad: BadInput) -> Corpus:
             )
             continue
         speaker = name.split("/", 1)[0]
-        utterances.append(Utterance(sample_key(name), path, name, speaker, "train", len(utterances)))
+        utterances.append(Utterance(sample_key(name), str(path), name, speaker, "train", len(utterances)))
     if not utterances:
         raise SpkdistError(f"{root}: no mapping.json (HW4) and no .wav/.flac files under ROOT/<speaker>/")
     return _corpus(utterances, _speaker_ids(utterances), "audio-tree", root, [], bad)

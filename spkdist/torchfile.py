@@ -24,7 +24,6 @@ import os
 import pickle
 import struct
 import zlib
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -96,7 +95,7 @@ class _TensorPickle(pickle.Unpickler):
         return _Storage(key, dtype)
 
 
-def load_tensor(path: Path) -> np.ndarray:
+def load_tensor(path: str | os.PathLike) -> np.ndarray:
     """The tensor saved in `path`, as a floating-point numpy array of any shape.
 
     Raises BadItemError for a missing, unreadable or damaged file, or one holding anything but a
@@ -196,7 +195,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _torch_load(path: Path, raw: bytearray) -> np.ndarray:
+def _torch_load(path: str | os.PathLike, raw: bytearray) -> np.ndarray:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files; every one means "unreadable"

@@ -177,39 +177,76 @@ def test_hw4_input_rejects_log_mel_options(make_hw4, shard_cli, cli_error, tmp_p
     assert "log-mel options are for audio inputs" in cli_error()
 
 
-def test_killed_run_never_looks_complete_and_a_rerun_rebuilds(make_hw4, shard_cli, tmp_path):
-    """SIGKILL while shards are written (one sample per shard, each fsynced: writing takes a while)."""
-    hw4, out = make_hw4(n_train=400, n_test=0, frames=(200, 400)), tmp_path / "out"
-    assert shard_cli(hw4, out) == 0  # a complete directory first: the killed rerun must not look complete
-    command = [sys.executable, "-m", "spkdist.cli", "shard", str(hw4), "--out", str(out), "--workers", "1"]
+@contextlib.contextmanager
+def shard_interrupted_midway(hw4, out, stderr, workers=1):
+    """A `spkdist shard` subprocess (one sample per shard, each fsynced: writing takes a while), handed over
+    once it has finished 4 shards and before it completes; killed with its workers afterwards."""
+    command = [
+        sys.executable,
+        "-m",
+        "spkdist.cli",
+        "shard",
+        str(hw4),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+    ]
     proc = subprocess.Popen(
-        [*command, "--shard-samples", "1"], stderr=subprocess.DEVNULL, start_new_session=True
+        [*command, "--shard-samples", "1"],
+        stderr=stderr,
+        start_new_session=True,  # its own process group, like a command started in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if our parent ignores Ctrl-C
     )
     try:
         deadline = time.monotonic() + 60
         while not (out / "train-000003.tar").exists() or (out / INDEX_NAME).exists():
-            assert time.monotonic() < deadline and proc.poll() is None, (
-                "the run ended before it could be killed"
-            )
+            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before it was stopped"
             time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its worker process too
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def assert_unfinished(out):
+    """No index.json, and every tar file under its final name is complete (one whole sample each)."""
     assert not (out / INDEX_NAME).exists()
-    assert len(list(out.glob("*.partial"))) <= 1
     finished = sorted(out.glob("*.tar"))
     assert len(finished) >= 4
-    for path in finished:  # complete tar files, each with one whole sample
+    for path in finished:
         [(_, parts)] = iter_tar_samples(path)
         meta, feats = json.loads(parts["json"]), np.load(io.BytesIO(parts["npy"]))
         assert feats.shape == (meta["num_frames"], 40)
+
+
+def test_killed_run_never_looks_complete_and_a_rerun_rebuilds(make_hw4, shard_cli, tmp_path):
+    hw4, out = make_hw4(n_train=400, n_test=0, frames=(200, 400)), tmp_path / "out"
+    assert shard_cli(hw4, out) == 0  # a complete directory first: the killed rerun must not look complete
+    with shard_interrupted_midway(hw4, out, subprocess.DEVNULL) as proc:
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert_unfinished(out)
+    assert len(list(out.glob("*.partial"))) <= 1
 
     assert shard_cli(hw4, out) == 0
     assert verify(out) == []
     assert not list(out.glob("*.partial"))
     assert sum(split["num_samples"] for split in load_index(out)["splits"].values()) == 400
+
+
+def test_ctrl_c_stops_cleanly(make_hw4, tmp_path):
+    hw4, out = make_hw4(n_train=400, n_test=0, frames=(200, 400)), tmp_path / "out"
+    with (
+        open(tmp_path / "stderr", "w") as stderr,
+        shard_interrupted_midway(hw4, out, stderr, workers=2) as proc,
+    ):
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: main process and workers
+        assert proc.wait(timeout=30) == 130
+    assert (tmp_path / "stderr").read_text().endswith("\nspkdist: interrupted\n")
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+    assert_unfinished(out)
+    assert not list(out.glob("*.partial"))
 
 
 def test_bench_shard_reports_json(capsys, tmp_path):

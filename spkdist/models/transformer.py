@@ -11,14 +11,13 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.prenet = nn.Linear(n_mels, d_model)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, ffn_dim, dropout, batch_first=True)
-        self.layers = nn.TransformerEncoder(layer, n_layers)
+        # no nested tensors: they break under DeepSpeed ZeRO-3's parameter hooks and save little here
+        self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
         x = self.prenet(mels)  # (B, T, D)
         # Every other operation is per-frame, so the key mask alone keeps padding out of valid frames.
-        # In eval under no_grad PyTorch's fast path packs the valid frames into a nested tensor and
-        # returns zeros at padded frames; the pooling ignores those frames either way.
         if not self.training and torch.is_autocast_enabled(x.device.type):
             # That fast path checks only for CUDA autocast (pytorch#132613): under CPU autocast it
             # feeds bf16 activations to fp32 weights and fails. Evaluate the layers in fp32 instead.
