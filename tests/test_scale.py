@@ -60,6 +60,21 @@ def finish_groups(procs: list[subprocess.Popen], timeout: float) -> list[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def deepspeed_launcher(name: str) -> list[str]:
+    """`accelerate launch` with configs/accelerate/NAME.yaml, 2 CPU processes, on a free port."""
+    return [
+        *LAUNCH,
+        "--config_file",
+        str(REPO / f"configs/accelerate/{name}.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 def run_checked(command: list[str], timeout: int = 300) -> str:
     """Run a launcher to completion (bounded: the whole process group is killed after `timeout`)."""
     proc = start_group(command)
@@ -70,17 +85,7 @@ def run_checked(command: list[str], timeout: int = 300) -> str:
 
 def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    launcher = [
-        *LAUNCH,
-        "--config_file",
-        str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    launcher = deepspeed_launcher("deepspeed_zero2")
     overrides = [*small_overrides(tiny_shards, run_dir, steps=6), "train.save_every=3", "optim.lr=3e-3"]
 
     first = tmp_path / "first"
@@ -93,7 +98,7 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_pa
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 
     resumed = tmp_path / "resumed"
-    launcher[launcher.index("--main_process_port") + 1] = str(free_port())
+    launcher = deepspeed_launcher("deepspeed_zero2")  # a fresh port
     output = run_checked(
         [*launcher, PROBE, str(resumed), "--config", "sample.yaml", *overrides, "train.resume=latest"]
     )
@@ -157,17 +162,7 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tiny_shards, tmp_path)
 
 def test_deepspeed_zero3_checkpoint_evaluates_on_cpu(tiny_shards, tmp_path):
     run_dir, prefix = tmp_path / "run", tmp_path / "probe"
-    launcher = [
-        *LAUNCH,
-        "--config_file",
-        str(REPO / "configs/accelerate/deepspeed_zero3.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    launcher = deepspeed_launcher("deepspeed_zero3")
     output = run_checked(
         [
             *launcher,

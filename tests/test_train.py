@@ -82,6 +82,17 @@ def small_overrides(shards: Path, out: Path, steps: int = 4) -> list[str]:
     ]
 
 
+def train_cli(config: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`python launch/train.py --config CONFIG OVERRIDES...` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, str(TRAIN), "--config", config, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+    )
+
+
 def cli_env() -> dict[str, str]:
     return {
         **os.environ,
@@ -106,13 +117,7 @@ def test_each_recipe_trains_a_few_steps(recipe, tiny_shards, tmp_path):
 def test_bf16_mixed_precision_trains(tiny_shards, tmp_path):
     # a subprocess: Accelerate allows one mixed-precision setting per process
     overrides = [*small_overrides(tiny_shards, tmp_path / "run"), "train.mixed_precision=bf16"]
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--config", "boss.yaml", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-    )
+    result = train_cli("boss.yaml", overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed precision bf16" in result.stdout
     saved = checkpoint.load_model_file(tmp_path / "run")
@@ -150,13 +155,7 @@ def test_nonfinite_losses_stop_the_run(tiny_shards, tmp_path):
         "train.clip_grad_norm=0",
         "train.max_nonfinite=3",
     ]
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--config", "sample.yaml", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-    )
+    result = train_cli("sample.yaml", overrides)
     assert result.returncode == 2
     assert "3 steps in a row had a non-finite loss or gradient" in result.stderr.splitlines()[-1]
 
