@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
@@ -306,7 +306,11 @@ def run(cfg: Config) -> TrainResult:
             stopping = stop.agreed(accelerator)
             at_end = state.step == cfg.train.max_steps
             improved = False
-            if state.step % cfg.train.eval_every == 0 or at_end:
+            evaluating = state.step % cfg.train.eval_every == 0 or at_end
+            saving = state.step % cfg.train.save_every == 0 or at_end or stopping
+            if evaluating or saving:
+                average_buffers(accelerator, model)
+            if evaluating:
                 metrics = evaluate(accelerator, model, valid_loader)
                 accelerator.log({f"valid/{k}": v for k, v in metrics.items()}, step=state.step)
                 say(
@@ -316,7 +320,7 @@ def run(cfg: Config) -> TrainResult:
                 improved = metrics["accuracy"] > state.best_accuracy
                 if improved:
                     state.best_accuracy, state.best_step = metrics["accuracy"], state.step
-            if state.step % cfg.train.save_every == 0 or improved or at_end or stopping:
+            if saving or improved:
                 path = checkpoint.save(
                     accelerator,
                     model,
@@ -337,6 +341,20 @@ def run(cfg: Config) -> TrainResult:
         report_outputs(accelerator, cfg, out, state)
     accelerator.end_training()
     return TrainResult(state.step, metrics, accelerator.unwrap_model(model), stop.signal_name)
+
+
+def average_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Make every rank hold the same buffers before evaluating or saving.
+
+    DDP broadcasts buffers from rank 0 at each forward; DeepSpeed does not, so the Conformer's BatchNorm
+    running statistics drift apart between ranks. Averaging them gives every rank, and the checkpoint,
+    one model (and the statistics of all ranks' data).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(accelerator.reduce(buffer, reduction="mean"))
 
 
 def report_outputs(accelerator: Accelerator, cfg: Config, out: Path, state: TrainState) -> None:

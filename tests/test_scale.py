@@ -90,17 +90,17 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_pa
 
     first = tmp_path / "first"
     output = run_checked(
-        [*launcher, PROBE, str(first), "--config", "sample.yaml", *overrides, "train.max_steps=3"]
+        [*launcher, PROBE, str(first), "--config", "boss.yaml", *overrides, "train.max_steps=3"]
     )
     assert "2 process(es), DEEPSPEED" in output
     ranks = read_ranks(first)
     assert [r["world_size"] for r in ranks] == [2, 2]  # a naive launch runs 2 separate 1-process jobs
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # parameters and BatchNorm statistics
 
     resumed = tmp_path / "resumed"
     launcher = deepspeed_launcher("deepspeed_zero2")  # a fresh port
     output = run_checked(
-        [*launcher, PROBE, str(resumed), "--config", "sample.yaml", *overrides, "train.resume=latest"]
+        [*launcher, PROBE, str(resumed), "--config", "boss.yaml", *overrides, "train.resume=latest"]
     )
     assert "at step 3" in output
     ranks = read_ranks(resumed)
