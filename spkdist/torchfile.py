@@ -130,24 +130,31 @@ def _read_zip_tensor(raw: bytearray) -> np.ndarray:
     # Files from torch < 1.13 have no byteorder record; they are little-endian, as torch.load assumes.
     if prefix + "byteorder" in records and _record_bytes(raw, records[prefix + "byteorder"]) != b"little":
         raise _Unsupported("byte order")
-    try:
-        layout = _TensorPickle(io.BytesIO(_record_bytes(raw, records[pickle_name]))).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise _Corrupt(f"data.pkl: {type(e).__name__}: {e}") from None
-    if not isinstance(layout, _TensorLayout):
-        raise _Unsupported(type(layout).__name__)
-    shape = tuple(layout.shape)
-    if tuple(layout.stride) != _contiguous_strides(shape):
-        raise _Unsupported("non-contiguous tensor")
+    layout = _tensor_layout(_record_bytes(raw, records[pickle_name]))
     storage = records.get(f"{prefix}data/{layout.storage.key}")
     if storage is None:
         raise _Corrupt(f"no record for storage {layout.storage.key}")
-    _record_bytes(raw, storage)  # checks the CRC
     dtype = np.dtype(layout.storage.dtype)
-    count, offset = math.prod(shape), layout.offset * dtype.itemsize
+    count, offset = math.prod(layout.shape), layout.offset * dtype.itemsize
     if offset + count * dtype.itemsize > storage.size:
-        raise _Corrupt(f"storage too small for shape {shape}")
-    return np.frombuffer(raw, dtype, count=count, offset=storage.start + offset).reshape(shape)
+        raise _Corrupt(f"storage too small for shape {layout.shape}")
+    return np.frombuffer(_record_bytes(raw, storage), dtype, count=count, offset=offset).reshape(layout.shape)
+
+
+def _tensor_layout(pickled: memoryview) -> _TensorLayout:
+    """The layout data.pkl describes, checked to be a plain contiguous tensor of sane dimensions."""
+    try:
+        layout = _TensorPickle(io.BytesIO(pickled)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise _Corrupt(f"data.pkl: {type(e).__name__}: {e}") from None
+    if not isinstance(layout, _TensorLayout) or not isinstance(layout.storage, _Storage):
+        raise _Unsupported("not a plain tensor")
+    shape, stride = tuple(layout.shape), tuple(layout.stride)
+    if not all(type(n) is int and n >= 0 for n in (*shape, *stride, layout.offset)):
+        raise _Corrupt(f"data.pkl: impossible tensor layout {shape} {stride}")
+    if stride != _contiguous_strides(shape):
+        raise _Unsupported("non-contiguous tensor")
+    return layout._replace(shape=shape, stride=stride)
 
 
 def _zip_records(raw: bytearray) -> dict[str, _Record]:

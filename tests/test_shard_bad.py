@@ -13,7 +13,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from spkdist.badinput import BadItemError
 from spkdist.shards import load_index
+from spkdist.torchfile import load_tensor
 
 # ------------------------------------------------------------------------------------------ HW4 input
 
@@ -288,3 +290,26 @@ def test_bad_split_value_is_reported(manifest_dir, shard_cli, cli_error, tmp_pat
     manifest.write_text("path\tspeaker\tsplit\n0_theo_0.wav\ttheo\ttrain\n0_theo_1.wav\ttheo\tdev\n")
     assert shard_cli(manifest, tmp_path / "out") == 2
     assert "manifest.csv:3: split 'dev' is not one of train, valid, test" in cli_error()
+
+
+def test_randomly_damaged_pt_files_give_an_array_or_a_bad_item_error(tmp_path):
+    """Flipped bits, truncations and zeroed runs anywhere in a .pt file: never another exception."""
+    good = tmp_path / "good.pt"
+    torch.save(torch.randn(30, 40), good)
+    raw, rng, damaged, reasons = good.read_bytes(), np.random.default_rng(0), tmp_path / "damaged.pt", set()
+    for trial in range(300):
+        data = bytearray(raw)
+        position = int(rng.integers(len(data)))
+        if trial % 3 == 0:
+            data[position] ^= 1 << int(rng.integers(8))
+        elif trial % 3 == 1:
+            del data[position:]
+        else:
+            data[position : position + 16] = bytes(len(data[position : position + 16]))
+        damaged.write_bytes(data)
+        try:
+            assert load_tensor(damaged).dtype == np.float32
+        except BadItemError as e:
+            reasons.add(e.reason.split(" (")[0])
+    assert "corrupt torch.save file" in reasons
+    assert reasons <= {"corrupt torch.save file", "not a readable torch.save file"}
