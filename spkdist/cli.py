@@ -121,6 +121,14 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
         help="share of each speaker's train utterances held out as valid (unless the input has valid)",
     )
     p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=ShardOptions.test_fraction,
+        metavar="F",
+        help="share of each speaker's train utterances held out as a labeled test split, before valid is "
+        "carved (unless the input has test)",
+    )
+    p.add_argument(
         "--seed", type=int, default=ShardOptions.seed, metavar="S", help="seed of split and shuffle"
     )
     p.add_argument(
@@ -176,6 +184,7 @@ def run_shard(args: argparse.Namespace) -> None:
         options = ShardOptions(
             workers=args.workers,
             valid_fraction=args.valid_fraction,
+            test_fraction=args.test_fraction,
             seed=args.seed,
             dtype=args.dtype,
             max_shard_samples=args.shard_samples or default_samples,

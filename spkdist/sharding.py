@@ -62,6 +62,7 @@ class ShardOptions:
 
     workers: int = 2
     valid_fraction: float = 0.1
+    test_fraction: float = 0.0
     seed: int = 0
     dtype: str = "float16"
     max_shard_samples: int = 10_000
@@ -78,6 +79,7 @@ class ShardOptions:
         return {
             "seed": self.seed,
             "valid_fraction": self.valid_fraction,
+            "test_fraction": self.test_fraction,
             "max_shard_samples": self.max_shard_samples,
             "max_shard_bytes": self.max_shard_bytes,
         }
@@ -87,6 +89,11 @@ class ShardOptions:
             raise SpkdistError(f"--workers must be at least 1, got {self.workers}")
         if not 0 <= self.valid_fraction < 1:
             raise SpkdistError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if not 0 <= self.test_fraction < 1 or self.valid_fraction + self.test_fraction >= 1:
+            raise SpkdistError(
+                f"--test-fraction must be in [0, 1) and leave room for train next to --valid-fraction, "
+                f"got {self.test_fraction}"
+            )
         if self.max_shard_samples < 1 or self.max_shard_mb <= 0:
             raise SpkdistError("shard caps (--shard-samples, --shard-mb) must be positive")
 
@@ -125,36 +132,41 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-def split_corpus(utterances: list[Utterance], valid_fraction: float, seed: int) -> dict[str, list[Utterance]]:
+def split_corpus(
+    utterances: list[Utterance], valid_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Utterance]]:
     """The utterances of each split, in writing order.
 
-    `valid` is carved from `train`, per speaker (round(n x valid_fraction) of each speaker's utterances,
-    seeded per speaker), unless the input names a valid split itself. Labeled splits are then shuffled
-    (seeded) so that every shard mixes speakers; an unlabeled split (HW4 test) keeps the input's order.
+    `test` (if `test_fraction` > 0), then `valid` are carved from `train`, per speaker (round(n x fraction)
+    of each speaker's utterances, seeded per speaker), unless the input names that split itself. Labeled
+    splits are then shuffled (seeded) so that every shard mixes speakers; an unlabeled split (HW4 test)
+    keeps the input's order.
     """
     splits = {split: [u for u in utterances if u.split == split] for split in SPLITS}
-    if not splits["valid"] and valid_fraction > 0:
-        splits["train"], splits["valid"] = _carve_valid(splits["train"], valid_fraction, seed)
+    for split, fraction in (("test", test_fraction), ("valid", valid_fraction)):
+        if not splits[split] and fraction > 0:
+            splits["train"], splits[split] = _carve(splits["train"], split, fraction, seed)
     for split, members in splits.items():
         if any(u.speaker is not None for u in members):
             random.Random(f"{seed}:{split}").shuffle(members)
     return splits
 
 
-def _carve_valid(
-    train: list[Utterance], fraction: float, seed: int
+def _carve(
+    train: list[Utterance], split: str, fraction: float, seed: int
 ) -> tuple[list[Utterance], list[Utterance]]:
+    """(kept train, carved) with round(n x fraction) of each speaker's n train utterances moved to `split`."""
     by_speaker = defaultdict(list)
     for utterance in train:
         by_speaker[utterance.speaker].append(utterance)
-    kept, valid = [], []
+    kept, carved = [], []
     for speaker in sorted(by_speaker):
         members = by_speaker[speaker]
-        random.Random(f"{seed}:valid:{speaker}").shuffle(members)  # per speaker: independent of the others
-        n_valid = round(len(members) * fraction)
-        valid += [replace(u, split="valid") for u in members[:n_valid]]
-        kept += members[n_valid:]
-    return kept, valid
+        random.Random(f"{seed}:{split}:{speaker}").shuffle(members)  # per speaker: independent of the others
+        n_carved = round(len(members) * fraction)
+        carved += [replace(u, split=split) for u in members[:n_carved]]
+        kept += members[n_carved:]
+    return kept, carved
 
 
 # ------------------------------------------------------------------------------- worker processes
@@ -236,7 +248,7 @@ def shard(
 ) -> Summary:
     """Write `corpus` as shards and index.json into `out`, replacing what an earlier run left there."""
     started = time.perf_counter()
-    splits = split_corpus(corpus.utterances, options.valid_fraction, options.seed)
+    splits = split_corpus(corpus.utterances, options.valid_fraction, options.test_fraction, options.seed)
     queue = [u for split in SPLITS for u in splits[split]]
     if not queue:
         raise SpkdistError(f"{corpus.source['path']}: no utterances to shard")

@@ -259,6 +259,12 @@ def test_bench_shard_reports_json(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the benchmark's data is cleaned up
 
 
+def test_bench_recipes_checks_given_shards_before_training(make_hw4, shard_cli, cli_error, tmp_path):
+    assert shard_cli(make_hw4(n_test=0), tmp_path / "out") == 0
+    assert main(["bench", "recipes", "--shards", str(tmp_path / "out"), "--dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'out'}: no 'test' split in the shards (have: train, valid)" in cli_error()
+
+
 @pytest.mark.parametrize(
     ("name", "size"), [("a.json", 0), ("uttr-0123456789abcdef.npy", 48_128), ("k" * 100, 10**9)]
 )

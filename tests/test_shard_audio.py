@@ -64,7 +64,10 @@ def test_manifest_with_its_own_splits(fsdd_recordings, read_split, shard_cli, tm
     assert (
         shard_cli(tmp_path, tmp_path / "out", "--manifest", str(manifest), "--format", "audio") != 0
     )  # wrong base
-    assert shard_cli(fsdd_recordings, tmp_path / "out", "--manifest", str(manifest), "--seed", "3") == 0
+    assert (  # the manifest's own test split wins over --test-fraction
+        shard_cli(fsdd_recordings, tmp_path / "out", "--manifest", str(manifest), "--test-fraction", "0.5")
+        == 0
+    )
     index = load_index(tmp_path / "out")
     assert index["source"]["format"] == "audio-manifest"
     for split in ("train", "valid", "test"):
@@ -74,14 +77,19 @@ def test_manifest_with_its_own_splits(fsdd_recordings, read_split, shard_cli, tm
         )
 
 
-def test_speaker_folder_tree(fsdd_recordings, read_split, shard_cli, tmp_path):
-    root = tmp_path / "corpus"
+def make_speaker_tree(fsdd_recordings: Path, root: Path) -> Path:
+    """ROOT/<speaker>/session<0|1>/*.wav: ten FSDD recordings each of lucas and nicolas, and a stray file."""
     for speaker in ("lucas", "nicolas"):
         for digit in range(10):
             (root / speaker / f"session{digit % 2}").mkdir(parents=True, exist_ok=True)
             wav = f"{digit}_{speaker}_7.wav"
             shutil.copy(fsdd_recordings / wav, root / speaker / f"session{digit % 2}" / wav)
     (root / "README.txt").write_text("not audio: ignored")
+    return root
+
+
+def test_speaker_folder_tree(fsdd_recordings, read_split, shard_cli, tmp_path):
+    root = make_speaker_tree(fsdd_recordings, tmp_path / "corpus")
     assert (
         shard_cli(
             root, tmp_path / "out", "--valid-fraction", "0.2", "--sample-rate", "8000", "--n-mels", "24"
@@ -95,6 +103,22 @@ def test_speaker_folder_tree(fsdd_recordings, read_split, shard_cli, tmp_path):
     assert Counter(meta["speaker"] for _, _, meta in valid) == {"lucas": 2, "nicolas": 2}
     assert all(meta["source"].startswith(f"{meta['speaker']}/session") for _, _, meta in valid)
     assert "test" not in index["splits"]
+
+
+def test_test_fraction_carves_a_labeled_test_split_per_speaker(
+    fsdd_recordings, read_split, shard_cli, tmp_path
+):
+    root, out = make_speaker_tree(fsdd_recordings, tmp_path / "corpus"), tmp_path / "out"
+    assert shard_cli(root, out, "--test-fraction", "0.3", "--valid-fraction", "0.2") == 0
+    samples = {split: read_split(out, split) for split in ("train", "valid", "test")}
+    # per speaker: 3 of 10 to test first, then round(7 x 0.2) = 1 to valid, 6 stay in train
+    for split, count in {"train": 6, "valid": 1, "test": 3}.items():
+        assert Counter(meta["speaker"] for _, _, meta in samples[split]) == {"lucas": count, "nicolas": count}
+    sources = [meta["source"] for split in samples.values() for _, _, meta in split]
+    assert len(set(sources)) == 20  # disjoint and complete
+    assert all(meta["speaker_id"] >= 0 for _, _, meta in samples["test"])
+    assert load_index(out)["settings"]["test_fraction"] == 0.3
+    assert shard_cli(root, tmp_path / "bad", "--test-fraction", "0.9", "--valid-fraction", "0.2") == 2
 
 
 def test_demo_command_prints_a_summary(tmp_path, capsys, monkeypatch):
