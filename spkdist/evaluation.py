@@ -12,17 +12,38 @@ from .errors import SpkdistError
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, batches: Iterable) -> dict[str, float]:
+def evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, batches: Iterable, lockstep_n_mels: int | None = None
+) -> dict[str, float]:
     """Loss, accuracy and sample count over every batch of every rank, exactly.
 
     Ranks hold different numbers of evaluation batches (shards are split between them), so instead of a
     per-batch `gather_for_metrics`, which would wait on ranks that have run out, each rank keeps running
     sums and one all-reduce combines them at the end.
+
+    Under DeepSpeed ZeRO-3 that is not enough: every forward pass gathers each layer's sharded weights from
+    all ranks, so every rank must run the same number of them. Give `lockstep_n_mels` there: ranks then agree
+    before each batch whether any of them still has one, and a rank that has run out runs an idle forward
+    pass on a dummy input (its result is discarded) while the others finish.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
-    for batch in batches:
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if lockstep_n_mels is not None:
+            if not _any_rank(accelerator, batch is not None):
+                break
+            if batch is None:  # an idle pass on a one-frame dummy utterance: join the gathers, discard
+                device = accelerator.device
+                model(
+                    torch.zeros(1, 1, lockstep_n_mels, device=device),
+                    torch.ones(1, dtype=torch.long, device=device),
+                )
+                continue
+        elif batch is None:
+            break
         batch = batch.to(accelerator.device)
         if (batch.labels < 0).any():
             raise SpkdistError(f"unlabeled utterance {batch.sources[0]} in an evaluation split")
@@ -35,6 +56,13 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, batches: Iterable
     if count == 0:
         raise SpkdistError("the evaluation split is empty")
     return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True if `flag` is true on any rank (a collective: every rank must call it)."""
+    return (
+        accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+    )
 
 
 @torch.no_grad()

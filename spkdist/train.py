@@ -210,6 +210,7 @@ def run(cfg: Config) -> TrainResult:
         optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
     )
     fill_deepspeed_config(accelerator, cfg)
+    zero3 = use_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -311,7 +312,9 @@ def run(cfg: Config) -> TrainResult:
             if evaluating or saving:
                 average_buffers(accelerator, model)
             if evaluating:
-                metrics = evaluate(accelerator, model, valid_loader)
+                metrics = evaluate(
+                    accelerator, model, valid_loader, lockstep_n_mels=n_mels if zero3 else None
+                )
                 accelerator.log({f"valid/{k}": v for k, v in metrics.items()}, step=state.step)
                 say(
                     f"step {state.step}: valid loss {metrics['loss']:.4f} accuracy "

@@ -16,6 +16,7 @@ import pytest
 from test_train import REPO, cli_env, make_tiny_shards, small_overrides
 
 from spkdist.infer import run_evaluate
+from spkdist.shards import load_index
 
 pytest.importorskip("deepspeed")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -160,7 +161,8 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tiny_shards, tmp_path)
     assert time.time() - start < 120, output[-2000:]
 
 
-def test_deepspeed_zero3_checkpoint_evaluates_on_cpu(tiny_shards, tmp_path):
+@pytest.mark.parametrize("recipe", ["sample", "boss"])  # Transformer and Conformer encoders
+def test_deepspeed_zero3_evaluates_with_uneven_ranks_and_its_checkpoint_on_cpu(recipe, tiny_shards, tmp_path):
     run_dir, prefix = tmp_path / "run", tmp_path / "probe"
     launcher = deepspeed_launcher("deepspeed_zero3")
     output = run_checked(
@@ -169,15 +171,19 @@ def test_deepspeed_zero3_checkpoint_evaluates_on_cpu(tiny_shards, tmp_path):
             PROBE,
             str(prefix),
             "--config",
-            "sample.yaml",
+            f"{recipe}.yaml",
             *small_overrides(tiny_shards, run_dir, steps=4),
-        ]
+        ],
+        timeout=180,
     )
     assert "2 process(es), DEEPSPEED" in output
     ranks = read_ranks(prefix)
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [4, 4]
+    # The valid split is one shard, so rank 1 has no evaluation batch while rank 0 has two: under ZeRO-3
+    # every forward pass is a collective, and without idle passes on rank 1 this evaluation used to hang.
+    assert load_index(tiny_shards)["splits"]["valid"]["shards"][0]["num_samples"] == 20
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["num_samples"] == 20
     # ZeRO-3 shards the weights; the checkpoint's gathered copy must reproduce the run's own evaluation
-    # (sample: the boss recipe hung under ZeRO-3 on CPU, see the scale-out notes in the README)
     metrics = run_evaluate(str(run_dir), str(tiny_shards), "valid", batch_size=16, num_workers=0)
     assert metrics["num_samples"] == 20
     assert metrics["loss"] == pytest.approx(ranks[0]["metrics"]["loss"], rel=1e-4)
