@@ -263,6 +263,9 @@ def test_bench_recipes_checks_given_shards_before_training(make_hw4, shard_cli, 
     assert shard_cli(make_hw4(n_test=0), tmp_path / "out") == 0
     assert main(["bench", "recipes", "--shards", str(tmp_path / "out"), "--dir", str(tmp_path)]) == 2
     assert f"{tmp_path / 'out'}: no 'test' split in the shards (have: train, valid)" in cli_error()
+    assert shard_cli(make_hw4(), tmp_path / "hw4-shards") == 0
+    assert main(["bench", "recipes", "--shards", str(tmp_path / "hw4-shards")]) == 2
+    assert "the test split of an HW4 directory is unlabeled" in cli_error()
 
 
 @pytest.mark.parametrize(

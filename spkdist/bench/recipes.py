@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> dict:
             index = load_index(shards)
             for split in ("train", "valid", "test"):
                 shard_urls(shards, index, split)  # a one-line error now rather than after training
+            if index["source"]["format"] == "hw4":
+                raise SpkdistError(
+                    f"{shards}: the test split of an HW4 directory is unlabeled; nothing to score"
+                )
         results = [train_and_test(name, shards, Path(tmp) / name, args) for name in args.recipes]
     for result in results[:-1]:
         print(json.dumps(result))
