@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +29,16 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
-    batches = iter(batches)
-    while True:
-        batch = next(batches, None)
-        if lockstep_n_mels is not None:
-            if not _any_rank(accelerator, batch is not None):
-                break
-            if batch is None:  # an idle pass on a one-frame dummy utterance: join the gathers, discard
-                device = accelerator.device
-                model(
-                    torch.zeros(1, 1, lockstep_n_mels, device=device),
-                    torch.ones(1, dtype=torch.long, device=device),
-                )
-                continue
-        elif batch is None:
-            break
+    if lockstep_n_mels is not None:
+        batches = _until_every_rank_is_done(accelerator, batches)
+    for batch in batches:
+        if batch is None:  # an idle pass on a one-frame dummy utterance: join the gathers, discard
+            device = accelerator.device
+            model(
+                torch.zeros(1, 1, lockstep_n_mels, device=device),
+                torch.ones(1, dtype=torch.long, device=device),
+            )
+            continue
         batch = batch.to(accelerator.device)
         if (batch.labels < 0).any():
             raise SpkdistError(f"unlabeled utterance {batch.sources[0]} in an evaluation split")
@@ -58,10 +53,22 @@ def evaluate(
     return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
 
 
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True if `flag` is true on any rank (a collective: every rank must call it)."""
-    return (
-        accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+def _until_every_rank_is_done(accelerator: Accelerator, batches: Iterable) -> Iterator:
+    """This rank's batches, then None while any other rank still has one (a collective per item)."""
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not any_rank(accelerator, batch is not None):
+            return
+        yield batch
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (a collective: every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(
+        accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item()
     )
 
 

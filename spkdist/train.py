@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__, checkpoint
 from .config import Config, dump_config, load_config
 from .errors import SpkdistError
-from .evaluation import evaluate
+from .evaluation import any_rank, evaluate
 from .fsutil import atomic_write_bytes
 from .models import build_model
 from .shards import load_index
@@ -84,11 +84,7 @@ class StopRequest:
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank once any rank got a signal, so all ranks stop at the same step."""
-        flag = self.signal_name is not None
-        if accelerator.num_processes == 1:
-            return flag
-        flag = torch.tensor(float(flag), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+        return any_rank(accelerator, self.signal_name is not None)
 
 
 def deepspeed_launch() -> bool:
