@@ -20,6 +20,25 @@ import yaml
 from .errors import SpkdistError
 from .models import ModelConfig
 
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (true/false only): in YAML 1.1 `no`, `off` and `y` are booleans, so
+    `train.mixed_precision=no` would arrive as False instead of the choice "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
 # Where bare config names (`--config boss.yaml`) are looked up when no such file is in the working dir.
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -96,6 +115,12 @@ class TrainConfig:
     """Shard split evaluated during training."""
     collective_timeout: int = 600
     """Seconds a rank waits in a collective (joining included) for the others before the job fails."""
+    compile: bool = False
+    """Compile the model with torch.compile (not under DeepSpeed). Off until measured faster on your GPU."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
+    """torch.compile mode, when train.compile is on."""
 
     def validate(self) -> None:
         _positive(self, "max_steps", "grad_accum", "eval_every", "save_every", "keep_last", "log_every")
@@ -168,7 +193,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, check and return it."""
     path = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise SpkdistError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -187,7 +212,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def _parse_override_value(text: str) -> Any:
     """A command-line value as YAML would read it, plus `3e-4` as a float (YAML 1.1 wants `3.0e-4`)."""
-    value = yaml.safe_load(text) if text else None
+    value = _load_yaml(text) if text else None
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
         return float(value)
     return value

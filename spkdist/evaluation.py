@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -13,37 +13,34 @@ from .errors import SpkdistError
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Accelerator, model: torch.nn.Module, batches: Iterable, lockstep_n_mels: int | None = None
+    accelerator: Accelerator, model: torch.nn.Module, batches: Iterable, idle_n_mels: int | None = None
 ) -> dict[str, float]:
     """Loss, accuracy and sample count over every batch of every rank, exactly.
 
-    Ranks hold different numbers of evaluation batches (shards are split between them), so instead of a
-    per-batch `gather_for_metrics`, which would wait on ranks that have run out, each rank keeps running
-    sums and one all-reduce combines them at the end.
+    Ranks hold different numbers of evaluation batches (a rank may hold none), so instead of a per-batch
+    `gather_for_metrics`, which would wait on ranks that have run out, each rank keeps running sums (in
+    float64: the result matches a one-process evaluation) and one all-reduce combines them at the end.
+    `model` must not be a DDP wrapper, whose forward is a collective (pass the unwrapped model).
 
-    Under DeepSpeed ZeRO-3 that is not enough: every forward pass gathers each layer's sharded weights from
-    all ranks, so every rank must run the same number of them. Give `lockstep_n_mels` there: ranks then agree
-    before each batch whether any of them still has one, and a rank that has run out runs an idle forward
-    pass on a dummy input (its result is discarded) while the others finish.
+    Under DeepSpeed ZeRO-3 every forward is a collective; there `batches` comes from
+    `spkdist.distributed.lockstep`, whose None items are idle passes: run on a one-frame dummy utterance
+    of `idle_n_mels` bins, their result discarded, so that this rank joins the others' weight gathers.
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
-    if lockstep_n_mels is not None:
-        batches = _until_every_rank_is_done(accelerator, batches)
+    device = accelerator.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for batch in batches:
-        if batch is None:  # an idle pass on a one-frame dummy utterance: join the gathers, discard
-            device = accelerator.device
+        if batch is None:
             model(
-                torch.zeros(1, 1, lockstep_n_mels, device=device),
-                torch.ones(1, dtype=torch.long, device=device),
+                torch.zeros(1, 1, idle_n_mels, device=device), torch.ones(1, dtype=torch.long, device=device)
             )
             continue
-        batch = batch.to(accelerator.device)
+        batch = batch.to(device)
         if (batch.labels < 0).any():
             raise SpkdistError(f"unlabeled utterance {batch.sources[0]} in an evaluation split")
         logits = model(batch.mels, batch.lengths).float()  # (B, n_speakers), margin-free at eval
-        sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum")
+        sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").double()
         sums[1] += (logits.argmax(-1) == batch.labels).sum()
         sums[2] += batch.labels.numel()
     model.train(was_training)
@@ -51,25 +48,6 @@ def evaluate(
     if count == 0:
         raise SpkdistError("the evaluation split is empty")
     return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
-
-
-def _until_every_rank_is_done(accelerator: Accelerator, batches: Iterable) -> Iterator:
-    """This rank's batches, then None while any other rank still has one (a collective per item)."""
-    batches = iter(batches)
-    while True:
-        batch = next(batches, None)
-        if not any_rank(accelerator, batch is not None):
-            return
-        yield batch
-
-
-def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (a collective: every rank must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(
-        accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item()
-    )
 
 
 @torch.no_grad()

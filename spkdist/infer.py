@@ -1,7 +1,9 @@
 """`spkdist evaluate` and `spkdist predict`: a trained checkpoint applied to a shard split.
 
 Both read the checkpoint's model.pt (consolidated weights + the training config), so they work on CPU or
-one GPU for checkpoints saved by any launch mode: one process, DDP, or DeepSpeed ZeRO-2/3.
+GPUs for checkpoints saved by any launch mode: one process, DDP, or DeepSpeed ZeRO-2/3. Under
+`accelerate launch --multi_gpu --num_processes N` the ranks share the split and the results are exact
+(sums all-reduced, predictions gathered to rank 0).
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from .checkpoint import load_model_file
 from .config import config_from_dict
+from .distributed import leave_process_group, make_accelerator
 from .errors import SpkdistError
 from .evaluation import evaluate, predict
 from .fsutil import atomic_write_bytes
 from .models import build_model
 from .shards import load_index
 from .stream import eval_loader
+
+# Seconds a rank waits for the others in a collective (an inference launch has no config to set it in).
+INFERENCE_COLLECTIVE_TIMEOUT = 600
 
 
 def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -37,38 +44,59 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
 
 
 def _prepare(checkpoint: str, shards: str, split: str, batch_size: int, num_workers: int):
+    """Model and loader for this process; under `accelerate launch` each rank takes its share of the split."""
     index = load_index(shards)
     model, payload = load_trained_model(checkpoint)
     if index["n_mels"] != payload["n_mels"]:
         raise SpkdistError(
             f"{shards}: features have {index['n_mels']} mel bins, the model expects {payload['n_mels']}"
         )
-    accelerator = Accelerator()
+    accelerator = make_accelerator(INFERENCE_COLLECTIVE_TIMEOUT)
     loader = eval_loader(
-        shards, index, split, batch_size=batch_size, num_workers=num_workers, rank=0, world_size=1
+        shards,
+        index,
+        split,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
-    return accelerator, accelerator.prepare_model(model, evaluation_mode=True), index, payload, loader
+    # Not prepared: a DDP wrapper's forward is a collective, and ranks hold unequal numbers of batches.
+    return accelerator, model.to(accelerator.device), index, payload, loader
 
 
 def run_evaluate(checkpoint: str, shards: str, split: str, batch_size: int, num_workers: int) -> dict:
-    """Loss, accuracy and sample count of `checkpoint` on a labeled split."""
+    """Loss, accuracy and sample count of `checkpoint` on a labeled split (summed over all ranks)."""
     accelerator, model, index, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
-    if index["speaker2id"] != payload["speaker2id"]:
-        raise SpkdistError(f"{shards}: speaker ids differ from the ones the checkpoint was trained on")
-    return evaluate(accelerator, model, loader)
+    try:
+        if index["speaker2id"] != payload["speaker2id"]:
+            raise SpkdistError(f"{shards}: speaker ids differ from the ones the checkpoint was trained on")
+        return evaluate(accelerator, model, loader)
+    finally:
+        leave_process_group()
 
 
 def run_predict(checkpoint: str, shards: str, split: str, out: str, batch_size: int, num_workers: int) -> int:
-    """Write `Id,Category` rows (source path, predicted speaker) in the split's original order."""
+    """Write `Id,Category` rows (source path, predicted speaker) in the split's original order.
+
+    Under `accelerate launch` every rank predicts its share and rank 0 writes all rows.
+    """
     accelerator, model, _, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
-    id2speaker = {i: name for name, i in payload["speaker2id"].items()}
-    rows = predict(model, loader, accelerator.device)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["Id", "Category"])
-    writer.writerows((source, id2speaker[pred]) for _, source, pred in rows)
-    atomic_write_bytes(out, text.getvalue().encode())
-    return len(rows)
+    try:
+        id2speaker = {i: name for name, i in payload["speaker2id"].items()}
+        rows = predict(model, loader, accelerator.device)
+        if accelerator.num_processes > 1:
+            rows = sorted(gather_object(rows))
+        if accelerator.is_main_process:
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(["Id", "Category"])
+            writer.writerows((source, id2speaker[pred]) for _, source, pred in rows)
+            atomic_write_bytes(out, text.getvalue().encode())
+        accelerator.wait_for_everyone()  # the file exists when any rank returns
+        return len(rows)
+    finally:
+        leave_process_group()
 
 
 def add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -79,11 +107,7 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
         "with accuracy, loss and num_samples.",
     )
     _add_common(p, default_split="valid")
-    p.set_defaults(
-        run=lambda a: print(
-            json.dumps(run_evaluate(a.checkpoint, a.shards, a.split, a.batch_size, a.num_workers))
-        )
-    )
+    p.set_defaults(run=_evaluate_and_report)
 
 
 def add_predict(commands: argparse._SubParsersAction) -> None:
@@ -110,6 +134,13 @@ def _add_common(p: argparse.ArgumentParser, default_split: str) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes (default: 2)")
 
 
+def _evaluate_and_report(args: argparse.Namespace) -> None:
+    metrics = run_evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers)
+    if PartialState().is_main_process:
+        print(json.dumps(metrics))
+
+
 def _predict_and_report(args: argparse.Namespace) -> None:
     count = run_predict(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.num_workers)
-    print(f"wrote {count} predictions to {args.out}", file=sys.stderr)
+    if PartialState().is_main_process:
+        print(f"wrote {count} predictions to {args.out}", file=sys.stderr)

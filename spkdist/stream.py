@@ -4,7 +4,7 @@ Both streams are chains of small iterator -> iterator stages (WeSpeaker style) r
 workers:
 
     train: slot_shards -> read_shards -> random_crop -> shuffle -> chunks -> collate   (endless)
-    eval:  shards[rank::world][worker::workers] -> read_shards -> length_sorted -> collate  (finite)
+    eval:  eval_share(rank, worker) -> read_shards -> length_sorted -> collate           (finite)
 
 and `StreamLoader` (a DataLoader) unpacks the bundles of batches the workers hand over.
 
@@ -31,9 +31,10 @@ Distributed use: rank and world size are passed in explicitly (`accelerator.proc
   batches per epoch however the shards divide ranks x workers, so no rank waits for another in a
   collective (no DDP hang). Workers are persistent: the epoch counter that varies the order lives in
   each of them.
-- Evaluation: shards are split by rank, then by worker, without resampling, so every sample is read
-  exactly once across all ranks. Ranks hold unequal numbers of batches: reduce sums once at the end
-  instead of gathering per batch.
+- Evaluation: every rank's workers get a share of the split, whole shards where there are enough for
+  all readers and samples within shards otherwise (`eval_share`), without resampling, so every sample
+  is read exactly once across all ranks. Ranks hold unequal numbers of batches (some may hold none):
+  reduce sums once at the end instead of gathering per batch.
 
 Damaged shards (garbage, truncated, fewer samples than index.json says, unreadable `pipe:` command):
 `on_bad_shard="raise"` stops with a `SpkdistError` naming the shard; `"warn"` warns (`BadShardWarning`,
@@ -90,11 +91,17 @@ class BadShardWarning(UserWarning):
 
 
 class Shard(NamedTuple):
-    """One shard of a split: its position in index.json, its URL and its sample count there."""
+    """One shard of a split: its position in index.json, its URL and its sample count there.
+
+    A reader takes the samples at positions `part`, `part + parts`, ... of it: all of them by default,
+    a share when evaluation splits one shard between several readers (`eval_share`).
+    """
 
     number: int
     url: str
     num_samples: int
+    part: int = 0
+    parts: int = 1
 
 
 class Utterance(NamedTuple):
@@ -224,13 +231,15 @@ def read_shards(shards: Iterable[Shard], n_mels: int, bad: BadShards) -> Iterato
         n_mels: expected feature dimension.
         bad: the worker's damaged shards and the policy.
     Yields:
-        Utterance, each a view into its shard's bytes: (frames, n_mels), float16 as stored.
+        Utterance, each a view into its shard's bytes: (frames, n_mels), float16 as stored; of a shard
+        with `parts` > 1, only its share (other samples are counted, not decoded).
     """
     for shard in shards:
         count = 0
         try:
             for key, parts in _tar_samples(shard.url):
-                yield _decode(key, parts, n_mels)
+                if count % shard.parts == shard.part:
+                    yield _decode(key, parts, n_mels)
                 count += 1
             if count != shard.num_samples:
                 raise ValueError(f"{count} samples, index.json says {shard.num_samples}")
@@ -593,9 +602,27 @@ class EvalStream(_ShardStream):
 
     def __iter__(self) -> Iterator[list[Batch] | _StreamError]:
         worker, num_workers = _worker()
-        mine = self.shards[self.rank :: self.world_size][worker::num_workers]
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        mine = eval_share(self.shards, slot, slots)
         chunked = chunks(read_shards(mine, self.n_mels, self._bad), EVAL_SORT_BATCHES * self.batch_size)
         return self._bundles(length_sorted(chunked, self.batch_size))
+
+
+def eval_share(shards: Sequence[Shard], slot: int, slots: int) -> list[Shard]:
+    """The evaluation shards (or shares of shards) of one reader slot: every sample once across slots.
+
+    Whole shards go round-robin while there is a full round of them for all `slots` (a rank's worker:
+    slots = ranks x workers); the remaining shards, fewer than the slots, are split by sample, each
+    between the slots congruent to it. So every slot gets about the same work however many shards there
+    are: one shard and 8 ranks means 8 readers of one eighth of it each, not one reader and 7 idle.
+    """
+    whole = len(shards) - len(shards) % slots
+    mine = list(shards[slot:whole:slots])
+    rest = len(shards) - whole
+    if rest:
+        first = slot % rest
+        mine.append(shards[whole + first]._replace(part=slot // rest, parts=len(range(first, slots, rest))))
+    return mine
 
 
 def steps_per_epoch(index: dict[str, Any], batch_size: int, world_size: int) -> int:
@@ -701,7 +728,8 @@ def eval_loader(
 ) -> StreamLoader:
     """The evaluation loader of one rank: its share of `split`, every sample once across ranks, whole.
 
-    Ranks (and workers) get whole shards, so their batch counts differ; a rank with no shard yields none.
+    Ranks (and workers) get shards or shares of shards (`eval_share`), so their batch counts differ; a
+    rank whose share is empty (a split of fewer utterances than ranks) yields none.
     Batches come length-sorted within chunks; use `Batch.orders`/`sources` to put results back in order.
     Arguments as for `train_loader`.
     """

@@ -1,42 +1,64 @@
-"""The training job: config -> Accelerator -> model, optimizer, schedule -> steps, evaluation, checkpoints.
+"""The training job: config -> `setup` (Accelerator, model, optimizer, schedule, streams) -> `fit`.
 
 Run with `accelerate launch launch/train.py --config configs/boss.yaml [section.key=value ...]` on any
-number of processes, or as plain `python launch/train.py ...` for one CPU or GPU process. `run` is the
-whole story and reads top to bottom.
+number of processes, or as plain `python launch/train.py ...` for one CPU or GPU process.
 
 The data loaders are deliberately not passed through `accelerator.prepare`: the shard streams already split
 the data by rank and worker (and give every rank the same number of training batches), whereas a prepared
 IterableDataset would be re-dispatched from rank 0.
+
+The hot-loop rule: a training step never reads a value back from the device and never waits on another
+rank beyond the gradient all-reduce, so the host can queue step k+1 while the GPU still runs step k.
+Everything a step decides stays a tensor: the gradient norm, whether it is finite, the skipped-step count,
+the loss and accuracy sums. A non-finite step is skipped on the device: the fused AdamW kernel gets the
+step's verdict as `found_inf` (GradScaler's mechanism) and leaves weights, moments and step counts as
+they were, the buffers the forward passes changed are put back, and the device-side schedule
+(`spkdist.schedules.WarmupCosine`) does not advance. Those
+tensors are read only at log steps (`train.log_every`), and at evaluation and checkpoint steps. Signals
+are agreed on without stalling (`spkdist.distributed.StopVote`: an asynchronous vote, read one step
+later). Under DeepSpeed the engine clips and steps inside `accelerator.backward`, before the loop sees the
+gradient norm, so skipping a non-finite update is DeepSpeed's own business (its fp16 loss scaler does);
+the loop still counts such steps and stops the run after `train.max_nonfinite` of them in a row.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
-import os
-import signal
 import sys
 import time
-from datetime import timedelta
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .config import Config, dump_config, load_config
+from .distributed import (
+    StopRequest,
+    StopVote,
+    any_rank,
+    check_same_job,
+    is_zero3,
+    job_description,
+    leave_process_group,
+    lockstep,
+    make_accelerator,
+    sync_buffers,
+)
 from .errors import SpkdistError
-from .evaluation import any_rank, evaluate
+from .evaluation import evaluate
 from .fsutil import atomic_write_bytes
 from .models import build_model
+from .schedules import WarmupCosine
 from .shards import load_index
-from .stream import eval_loader, train_loader
+from .stream import Batch, StreamLoader, eval_loader, train_loader
 
 
 @dataclasses.dataclass
@@ -66,151 +88,77 @@ class TrainResult:
     stopped_by: str | None
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT (a pre-empted job, Ctrl-C) into a request to checkpoint and exit cleanly.
+@dataclasses.dataclass
+class Job:
+    """A run, set up and ready to fit: everything `setup` builds and `fit` uses."""
 
-    A second SIGINT interrupts at once, for the impatient.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank once any rank got a signal, so all ranks stop at the same step."""
-        return any_rank(accelerator, self.signal_name is not None)
-
-
-def deepspeed_launch() -> bool:
-    """True under a DeepSpeed `accelerate launch`; then check what Accelerate's DeepSpeed path needs.
-
-    That path reads the `transformers` package metadata even without a transformers model: say how to
-    fix it instead of failing deep inside Accelerate with PackageNotFoundError.
-    """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return False
-    missing = [name for name in ("deepspeed", "transformers") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise SpkdistError(
-            f"DeepSpeed launch, but {' and '.join(missing)} not installed: pip install -e '.[deepspeed]' "
-            "(Accelerate's DeepSpeed integration needs the transformers package even though spkdist uses no "
-            "transformers model)"
-        )
-    return True
-
-
-def fill_deepspeed_config(accelerator: Accelerator, cfg: Config) -> None:
-    """Resolve the "auto" entries of the DeepSpeed JSON from the experiment config, so batch size, clipping
-    and accumulation are set in one place and applied once (by DeepSpeed, not also by the loop)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    for key, value in (
-        ("train_micro_batch_size_per_gpu", cfg.data.batch_size),
-        ("gradient_clipping", cfg.train.clip_grad_norm),
-    ):
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    if ds.get("train_batch_size", "auto") == "auto":
-        ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
-
-
-def check_world_size(accelerator: Accelerator) -> None:
-    """Fail loudly when the launcher started N processes but they did not join one world of N."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise SpkdistError(
-            f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; "
-            "check the accelerate launch flags (on CPU-only machines use --multi_gpu, not --cpu)"
-        )
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int):
-    """LR factor: linear warmup from 0 to 1, then cosine decay to 0 at `max_steps` (the homework recipe)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return factor
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and norm gains only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
-
-
-def forever(loader):
-    """Epoch after epoch of a loader (each epoch has the same number of batches on every rank)."""
-    while True:
-        yield from loader
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared: DDP- or DeepSpeed-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    state: TrainState
+    train_batches: Iterator[Batch]  # endless
+    valid_loader: StreamLoader
+    n_mels: int
+    payload: dict[str, Any]  # stored in every model.pt beside the weights: config, speakers, n_mels
+    out: Path
 
 
 def run(cfg: Config) -> TrainResult:
     """Train as `cfg` says; return the final step, validation metrics and (unwrapped) model."""
+    with StopRequest() as stop:  # first of all: from here on a signal is a clean stop, start-up included
+        try:
+            return fit(setup(cfg), stop)
+        finally:
+            leave_process_group()
+
+
+def setup(cfg: Config) -> Job:
+    """Accelerator, one-job checks, model, optimizer, schedule, streams and trackers: all but the loop."""
     out = Path(cfg.train.output_dir)
     if not cfg.train.resume and checkpoint.step_checkpoints(checkpoint.checkpoint_dir(out)):
         raise SpkdistError(
             f"{out}: holds checkpoints of an earlier run; continue it with train.resume=latest "
             "or choose another train.output_dir"
         )
-    use_deepspeed, on_cpu = deepspeed_launch(), not torch.cuda.is_available()
-    # a rank that dies or a node that never joins fails the job after this, instead of a silent hang
-    process_group = {"timeout": timedelta(seconds=cfg.train.collective_timeout)}
-    if use_deepspeed and on_cpu:
-        # DeepSpeed on CPU: name gloo, or Accelerate sees no backend and reports a world of 1 on every rank
-        process_group["backend"] = "gloo"
-    accelerator = Accelerator(
-        # Without a GPU, DDP must be told it runs on CPU: only then does a multi-process launch form one
-        # gloo world (otherwise Accelerate quietly gives each process a world of its own). DeepSpeed must
-        # not be: cpu=True silently swaps it for plain DDP.
-        cpu=on_cpu and not use_deepspeed,
+    accelerator = make_accelerator(
+        cfg.train.collective_timeout,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_dir=str(out),
-        # the schedule counts optimizer steps; by default Accelerate would step it once per process
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(**process_group)],
     )
     accelerator.print(
         f"spkdist {__version__}: {accelerator.num_processes} process(es), "
         f"{accelerator.distributed_type.value}, {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}"
     )
+    index = load_index(cfg.data.shards)
+    check_same_job(accelerator, job_description(cfg.to_dict(), index))
     accelerator.print(dump_config(cfg), end="")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
 
-    index = load_index(cfg.data.shards)
     n_mels, speaker2id = index["n_mels"], index["speaker2id"]
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model, n_mels=n_mels, n_speakers=len(speaker2id))
+    if cfg.train.compile:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise SpkdistError("train.compile is not supported under DeepSpeed launches; use DDP")
+        # In place: the module (and so its state_dict keys and checkpoints) stays the same object.
+        # dynamic=None: after the first change of shape, torch.compile makes that dimension dynamic,
+        # so evaluation batches of ever other lengths do not recompile each time.
+        model.compile(mode=cfg.train.compile_mode, dynamic=None)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
-    )
     fill_deepspeed_config(accelerator, cfg)
-    zero3 = use_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = WarmupCosine(
+        optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, accelerator.device
+    )
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
+    accelerator.register_for_checkpointing(state, schedule)
     resume_dir = checkpoint.find_resume_dir(out, cfg.train.resume) if cfg.train.resume else None
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
@@ -240,7 +188,6 @@ def run(cfg: Config) -> TrainResult:
         rank=rank,
         world_size=world,
     )
-
     accelerator.init_trackers(
         cfg.log.project,
         config=cfg.to_dict(),
@@ -254,12 +201,24 @@ def run(cfg: Config) -> TrainResult:
         "speaker2id": speaker2id,
         "spkdist_version": __version__,
     }
-    stop = StopRequest()
-    meter = Meter(accelerator.device, world)
+    return Job(
+        cfg, accelerator, model, optimizer, schedule, state, train_batches, valid_loader, n_mels, payload, out
+    )
+
+
+def fit(job: Job, stop: StopRequest) -> TrainResult:
+    """Steps until train.max_steps (or an agreed stop), evaluating and checkpointing on the way."""
+    accelerator, cfg, state = job.accelerator, job.cfg, job.state
+    meter, health = Meter(accelerator.device), StepHealth(accelerator.device, state.skipped_steps)
     metrics: dict[str, float] = {}
-    nonfinite_in_row = 0
-    max_norm = cfg.train.clip_grad_norm or math.inf  # inf: measure the norm, never clip
-    model.train()
+    metrics_step = -1  # the step `metrics` were measured at, stored beside them in checkpoints
+    if any_rank(accelerator, stop.requested):  # a signal during start-up: nothing new to save
+        accelerator.print(f"{stop.signal_name} during start-up: stopped at step {state.step}, nothing saved")
+        accelerator.end_training()
+        return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stop.signal_name)
+    vote = StopVote(accelerator, cfg.train.collective_timeout)
+    stopping = False
+    job.model.train()
     with tqdm(
         total=cfg.train.max_steps,
         initial=state.step,
@@ -273,26 +232,15 @@ def run(cfg: Config) -> TrainResult:
                 progress.write(message)
 
         while state.step < cfg.train.max_steps:
-            grad_norm = train_step(
-                accelerator, model, optimizer, scheduler, train_batches, meter, cfg.train.grad_accum, max_norm
-            )
+            train_step(job, meter, health)
             state.step += 1
             progress.update(1)
-            if math.isfinite(grad_norm):
-                nonfinite_in_row = 0
-            else:
-                state.skipped_steps += 1
-                nonfinite_in_row += 1
-                if nonfinite_in_row >= cfg.train.max_nonfinite:
-                    raise SpkdistError(
-                        f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
-                        f"{state.step}); lower optim.lr, enable clipping or check the data"
-                    )
 
-            if state.step % cfg.train.log_every == 0:
-                log = meter.flush() | {
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
+            if state.step % cfg.train.log_every == 0:  # the only host reads of a training step
+                state.skipped_steps = health.check(cfg.train.max_nonfinite, state.step)
+                log = meter.flush(accelerator) | {
+                    "train/lr": job.schedule.last_lr(),
+                    "train/grad_norm": health.last_norm(),
                     "train/skipped_steps": state.skipped_steps,
                 }
                 if cfg.model.head == "am_softmax":
@@ -300,17 +248,15 @@ def run(cfg: Config) -> TrainResult:
                 accelerator.log(log, step=state.step)
                 progress.set_postfix(loss=f"{log['train/loss']:.3f}", acc=f"{log['train/accuracy']:.3f}")
 
-            stopping = stop.agreed(accelerator)
+            stopping = vote.poll(stop.requested)
             at_end = state.step == cfg.train.max_steps
             improved = False
             evaluating = state.step % cfg.train.eval_every == 0 or at_end
             saving = state.step % cfg.train.save_every == 0 or at_end or stopping
             if evaluating or saving:
-                average_buffers(accelerator, model)
+                sync_buffers(accelerator, job.model)
             if evaluating:
-                metrics = evaluate(
-                    accelerator, model, valid_loader, lockstep_n_mels=n_mels if zero3 else None
-                )
+                metrics, metrics_step = validate(job), state.step
                 accelerator.log({f"valid/{k}": v for k, v in metrics.items()}, step=state.step)
                 say(
                     f"step {state.step}: valid loss {metrics['loss']:.4f} accuracy "
@@ -320,40 +266,119 @@ def run(cfg: Config) -> TrainResult:
                 if improved:
                     state.best_accuracy, state.best_step = metrics["accuracy"], state.step
             if saving or improved:
+                state.skipped_steps = health.skipped_steps()
                 path = checkpoint.save(
                     accelerator,
-                    model,
-                    out,
+                    job.model,
+                    job.out,
                     state.step,
-                    {**payload, "metrics": metrics},
+                    {**job.payload, "metrics": metrics, "metrics_step": metrics_step},
                     keep_last=cfg.train.keep_last,
                     is_best=improved,
                 )
                 say(f"saved {path}")
             if stopping:
                 say(
-                    f"{stop.signal_name}: stopped at step {state.step}, checkpoint in {out}/checkpoints; "
-                    f"resume with the same command plus `train.resume=latest`"
+                    f"{stop.signal_name or 'a signal on another rank'}: stopped at step {state.step}, "
+                    f"checkpoint in {job.out}/checkpoints; resume with the same command plus "
+                    "`train.resume=latest`"
                 )
                 break
+    vote.close()
     if accelerator.is_main_process:
-        report_outputs(accelerator, cfg, out, state)
+        report_outputs(accelerator, cfg, job.out, state)
     accelerator.end_training()
-    return TrainResult(state.step, metrics, accelerator.unwrap_model(model), stop.signal_name)
+    stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
+    return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
 
 
-def average_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Make every rank hold the same buffers before evaluating or saving.
+def validate(job: Job) -> dict[str, float]:
+    """Loss, accuracy and count over the whole validation split, every rank evaluating its share.
 
-    DDP broadcasts buffers from rank 0 at each forward; DeepSpeed does not, so the Conformer's BatchNorm
-    running statistics drift apart between ranks. Averaging them gives every rank, and the checkpoint,
-    one model (and the statistics of all ranks' data).
+    The unwrapped model runs, not the DDP wrapper: a DDP forward would broadcast buffers, a collective
+    that a rank with no validation batch never joins (buffers were synced just before). Under ZeRO-3
+    each forward gathers sharded weights from all ranks, so ranks run in lockstep there.
     """
-    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+    accelerator = job.accelerator
+    model = accelerator.unwrap_model(job.model)
+    if is_zero3(accelerator):
+        return evaluate(accelerator, model, lockstep(accelerator, job.valid_loader), idle_n_mels=job.n_mels)
+    return evaluate(accelerator, model, job.valid_loader)
+
+
+def train_step(job: Job, meter: Meter, health: StepHealth) -> None:
+    """One optimizer step over `grad_accum` micro-batches, without a host read (see the module doc)."""
+    accelerator, model, optimizer = job.accelerator, job.model, job.optimizer
+    max_norm = job.cfg.train.clip_grad_norm or math.inf  # inf: measure the norm, never clip
+    # The forward passes update buffers (BatchNorm statistics) whatever the gradient turns out to be: keep
+    # a copy (they are small) to put back if this step is skipped, or one NaN batch poisons them for good.
+    buffers = list(model.buffers())
+    saved_buffers = [buffer.clone() for buffer in buffers]
+    for _ in range(job.cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(job.train_batches).to(accelerator.device)
+        meter.data_wait += time.perf_counter() - t0
+        with accelerator.accumulate(model):
+            logits = model(batch.mels, batch.lengths, batch.labels)  # (B, n_speakers)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            # always backward, even on a non-finite loss: DDP ranks must run the same collectives, and
+            # the NaN reaching every rank's all-reduced gradient makes them all skip the step together
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                finite = health.update(torch.as_tensor(grad_norm, device=accelerator.device))
+                skip_if_nonfinite(accelerator, optimizer, finite)
+                optimizer.step()
+                job.schedule.step(finite)
+                optimizer.zero_grad(set_to_none=True)
+                for buffer, saved in zip(buffers, saved_buffers, strict=True):
+                    buffer.copy_(torch.where(finite, buffer, saved))
+        meter.add(loss, logits, batch)
+
+
+def skip_if_nonfinite(accelerator: Accelerator, optimizer, finite: torch.Tensor) -> None:
+    """Arm the fused AdamW kernel to leave everything untouched this step unless `finite` is true.
+
+    fp16: GradScaler hands the kernel its own overflow flag (the same verdict). DeepSpeed: the engine
+    stepped inside backward already.
+    """
+    if accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            buffer.copy_(accelerator.reduce(buffer, reduction="mean"))
+    optimizer.optimizer.found_inf = (~finite).float()  # AcceleratedOptimizer wraps the torch optimizer
+
+
+def fill_deepspeed_config(accelerator: Accelerator, cfg: Config) -> None:
+    """Resolve the "auto" entries of the DeepSpeed JSON from the experiment config, so batch size, clipping
+    and accumulation are set in one place and applied once (by DeepSpeed, not also by the loop)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", cfg.data.batch_size),
+        ("gradient_clipping", cfg.train.clip_grad_norm),
+    ):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """Fused AdamW (it can skip a step on the device), weight decay on matrices only: decaying biases and
+    norm gains only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=True)
+
+
+def forever(loader):
+    """Epoch after epoch of a loader (each epoch has the same number of batches on every rank)."""
+    while True:
+        yield from loader
 
 
 def report_outputs(accelerator: Accelerator, cfg: Config, out: Path, state: TrainState) -> None:
@@ -369,67 +394,79 @@ def report_outputs(accelerator: Accelerator, cfg: Config, out: Path, state: Trai
         print(f"TensorBoard logs: {out} (view with `tensorboard --logdir {out}`)")
 
 
-def train_step(
-    accelerator, model, optimizer, scheduler, batches, meter: Meter, grad_accum: int, max_norm: float
-) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the gradient norm (non-finite: skipped)."""
-    for _ in range(grad_accum):
-        t0 = time.perf_counter()
-        batch = next(batches).to(accelerator.device)
-        meter.data_wait += time.perf_counter() - t0
-        with accelerator.accumulate(model):
-            logits = model(batch.mels, batch.lengths, batch.labels)  # (B, n_speakers)
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            # always backward, even on a non-finite loss: DDP ranks must run the same collectives, and
-            # the NaN reaching every rank's all-reduced gradient makes them all skip the step together
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                # fp16: the grad scaler must see overflows to lower its scale, so it decides itself
-                if math.isfinite(grad_norm) or accelerator.mixed_precision == "fp16":
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        meter.add(loss, logits, batch)
-    return grad_norm
+class StepHealth:
+    """Non-finite steps, counted on the device at every step and read back at log steps only."""
+
+    def __init__(self, device: torch.device, skipped_steps: int) -> None:
+        self.skipped = torch.tensor(skipped_steps, device=device)
+        self.in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.worst_in_row = torch.zeros((), dtype=torch.int64, device=device)  # since the last check
+        self.grad_norm = torch.zeros((), device=device)
+
+    def update(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Count this step's gradient norm; returns whether it is finite (a bool tensor)."""
+        finite = torch.isfinite(grad_norm)
+        self.grad_norm = grad_norm.detach().float()
+        self.skipped += (~finite).to(torch.int64)
+        self.in_row = torch.where(finite, 0, self.in_row + 1)
+        self.worst_in_row = torch.maximum(self.worst_in_row, self.in_row)
+        return finite
+
+    def check(self, max_in_row: int, step: int) -> int:
+        """Raise if `max_in_row` steps in a row were non-finite since the last check; the skipped total."""
+        skipped, worst = self.skipped.item(), self.worst_in_row.item()
+        if worst >= max_in_row:
+            raise SpkdistError(
+                f"{worst} steps in a row had a non-finite loss or gradient (by step {step}); "
+                "lower optim.lr, enable clipping or check the data"
+            )
+        self.worst_in_row.copy_(self.in_row)
+        return skipped
+
+    def skipped_steps(self) -> int:
+        return self.skipped.item()
+
+    def last_norm(self) -> float:
+        return self.grad_norm.item()
 
 
 class Meter:
     """Training metrics between two log points. Sums stay on the device so steps never wait on them."""
 
-    def __init__(self, device: torch.device, world_size: int) -> None:
-        self.world_size = world_size
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, device=device)  # loss sum, correct predictions
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum.zero_()
-        self.correct.zero_()
+        self.sums.zero_()
         self.micro_batches = self.utterances = self.bad_shards = 0
         self.data_wait = 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, batch) -> None:
-        self.loss_sum += loss.detach()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, batch: Batch) -> None:
+        self.sums[0] += loss.detach()
         # with a margin head these are training logits (margin applied): a pessimistic accuracy
-        self.correct += (logits.detach().argmax(-1) == batch.labels).sum()
+        self.sums[1] += (logits.detach().argmax(-1) == batch.labels).sum()
         self.micro_batches += 1
         self.utterances += len(batch)
         self.bad_shards += batch.bad_shards
 
-    def flush(self) -> dict[str, float]:
-        """This rank's averages since the last flush, then start a new window."""
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        """Averages over all ranks since the last flush (a collective), then start a new window."""
         elapsed = time.perf_counter() - self.start
-        log = {
-            "train/loss": self.loss_sum.item() / self.micro_batches,
-            "train/accuracy": self.correct.item() / self.utterances,
-            "train/utts_per_s": self.utterances * self.world_size / elapsed,
-            "train/data_wait_fraction": self.data_wait / elapsed,
-            "train/bad_shards": self.bad_shards,
-        }
+        counts = [self.micro_batches, self.utterances, self.bad_shards, self.data_wait / elapsed]
+        local = torch.cat([self.sums, torch.tensor(counts, device=self.sums.device)])
+        loss_sum, correct, micro_batches, utterances, bad_shards, wait = accelerator.reduce(
+            local, reduction="sum"
+        ).tolist()
         self._reset()
-        return log
+        return {
+            "train/loss": loss_sum / micro_batches,
+            "train/accuracy": correct / utterances,
+            "train/utts_per_s": utterances / elapsed,
+            "train/data_wait_fraction": wait / accelerator.num_processes,
+            "train/bad_shards": int(bad_shards),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,3 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Shared fixtures: small HW4 directories, the FSDD recordings, and the FSDD demo sharded once per session."""
+"""Shared fixtures: small HW4 directories, the FSDD recordings, the FSDD demo sharded once per session, and
+tiny labeled shards for the training tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_tiny_shards
 
 from spkdist.bench.synth import make_hw4_dir
 from spkdist.cli import main
@@ -83,3 +85,17 @@ def cli_error(capsys) -> Callable[[], str]:
         return lines[0]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """4 speakers; train in 5 shards, valid (20 utterances) in ONE: with 2 ranks, one holds no valid shard."""
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"))
+
+
+@pytest.fixture(scope="session")
+def one_utterance_valid(tmp_path_factory) -> Path:
+    """Like tiny_shards, but the valid split is a single utterance: fewer than the ranks."""
+    return make_tiny_shards(
+        tmp_path_factory.mktemp("one-utterance-valid"), {"train": 100, "valid": 1, "test": 12}
+    )

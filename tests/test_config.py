@@ -100,3 +100,9 @@ def test_train_script_reports_config_errors_without_traceback():
         result.stderr.strip()
         == f"train: error: {REPO_CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
     )
+
+
+def test_yes_no_words_stay_strings_and_only_true_false_are_booleans():
+    # YAML 1.1 would turn `no` into False, and `train.mixed_precision=no` into a type error
+    cfg = load_config("sample.yaml", ["train.mixed_precision=no", "train.compile=true", "log.run_name=off"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.compile is True and cfg.log.run_name == "off"

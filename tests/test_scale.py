@@ -2,86 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_train import REPO, cli_env, make_tiny_shards, small_overrides
+from helpers import (
+    LAUNCH,
+    deepspeed_launcher,
+    finish_groups,
+    free_port,
+    probe,
+    read_ranks,
+    run_checked,
+    small_overrides,
+    start_group,
+)
 
+from spkdist import checkpoint
 from spkdist.infer import run_evaluate
 from spkdist.shards import load_index
 
 pytest.importorskip("deepspeed")
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-PROBE = str(REPO / "tests" / "train_probe.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_ranks(prefix: Path) -> list[dict]:
-    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(2)]
-
-
-def start_group(command: list[str]) -> subprocess.Popen:
-    """Start a launcher in its own process group, so a test can always kill it with all its workers."""
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        start_new_session=True,
-    )
-
-
-def finish_groups(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Wait for every launcher (bounded), then kill whatever is left of their process groups."""
-    try:
-        return [proc.communicate(timeout=timeout)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def deepspeed_launcher(name: str) -> list[str]:
-    """`accelerate launch` with configs/accelerate/NAME.yaml, 2 CPU processes, on a free port."""
-    return [
-        *LAUNCH,
-        "--config_file",
-        str(REPO / f"configs/accelerate/{name}.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
-def run_checked(command: list[str], timeout: int = 300) -> str:
-    """Run a launcher to completion (bounded: the whole process group is killed after `timeout`)."""
-    proc = start_group(command)
-    output = finish_groups([proc], timeout)[0]
-    assert proc.returncode == 0, output[-6000:]
-    return output
 
 
 def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_path):
@@ -90,9 +31,7 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_pa
     overrides = [*small_overrides(tiny_shards, run_dir, steps=6), "train.save_every=3", "optim.lr=3e-3"]
 
     first = tmp_path / "first"
-    output = run_checked(
-        [*launcher, PROBE, str(first), "--config", "boss.yaml", *overrides, "train.max_steps=3"]
-    )
+    output = run_checked([*launcher, *probe(first, "boss.yaml", [*overrides, "train.max_steps=3"])])
     assert "2 process(es), DEEPSPEED" in output
     ranks = read_ranks(first)
     assert [r["world_size"] for r in ranks] == [2, 2]  # a naive launch runs 2 separate 1-process jobs
@@ -100,18 +39,20 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_pa
 
     resumed = tmp_path / "resumed"
     launcher = deepspeed_launcher("deepspeed_zero2")  # a fresh port
-    output = run_checked(
-        [*launcher, PROBE, str(resumed), "--config", "boss.yaml", *overrides, "train.resume=latest"]
-    )
+    output = run_checked([*launcher, *probe(resumed, "boss.yaml", [*overrides, "train.resume=latest"])])
     assert "at step 3" in output
     ranks = read_ranks(resumed)
     assert [r["step"] for r in ranks] == [6, 6]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != read_ranks(first)[0]["checksum"]
 
-    # the DeepSpeed checkpoint's consolidated weights load on CPU without DeepSpeed
-    metrics = run_evaluate(str(run_dir), str(tiny_shards), "valid", batch_size=16, num_workers=0)
-    assert metrics["num_samples"] == 20
-    assert metrics["accuracy"] == pytest.approx(ranks[0]["metrics"]["accuracy"])
+    # The valid split is ONE shard (shared by sample between the ranks). The DeepSpeed checkpoint's
+    # consolidated weights load on CPU without DeepSpeed and reproduce the run's shared evaluation.
+    assert len(load_index(tiny_shards)["splits"]["valid"]["shards"]) == 1
+    last = checkpoint.checkpoint_dir(run_dir) / "last"
+    metrics = run_evaluate(str(last), str(tiny_shards), "valid", batch_size=16, num_workers=0)
+    assert metrics["num_samples"] == ranks[0]["metrics"]["num_samples"] == 20
+    assert metrics["loss"] == pytest.approx(ranks[0]["metrics"]["loss"], rel=1e-5)
+    assert metrics["accuracy"] == ranks[0]["metrics"]["accuracy"]
 
 
 def node_command(rank: int, port: int, prefix: Path, shards: Path, run_dir: Path) -> list[str]:
@@ -135,11 +76,7 @@ def node_command(rank: int, port: int, prefix: Path, shards: Path, run_dir: Path
         "no",
         "--rdzv_conf",
         "timeout=30",  # the launcher gives up on a node that never joins after 30 s (default: 600 s)
-        PROBE,
-        str(prefix),
-        "--config",
-        "sample.yaml",
-        *small_overrides(shards, run_dir, steps=4),
+        *probe(prefix, "sample.yaml", small_overrides(shards, run_dir, steps=4)),
     ]
 
 
@@ -162,28 +99,21 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tiny_shards, tmp_path)
 
 
 @pytest.mark.parametrize("recipe", ["sample", "boss"])  # Transformer and Conformer encoders
-def test_deepspeed_zero3_evaluates_with_uneven_ranks_and_its_checkpoint_on_cpu(recipe, tiny_shards, tmp_path):
+def test_deepspeed_zero3_evaluates_with_uneven_ranks_and_its_checkpoint_on_cpu(
+    recipe, one_utterance_valid, tmp_path
+):
     run_dir, prefix = tmp_path / "run", tmp_path / "probe"
-    launcher = deepspeed_launcher("deepspeed_zero3")
+    overrides = small_overrides(one_utterance_valid, run_dir, steps=4)
     output = run_checked(
-        [
-            *launcher,
-            PROBE,
-            str(prefix),
-            "--config",
-            f"{recipe}.yaml",
-            *small_overrides(tiny_shards, run_dir, steps=4),
-        ],
-        timeout=180,
+        [*deepspeed_launcher("deepspeed_zero3"), *probe(prefix, f"{recipe}.yaml", overrides)]
     )
     assert "2 process(es), DEEPSPEED" in output
     ranks = read_ranks(prefix)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [4, 4]
-    # The valid split is one shard, so rank 1 has no evaluation batch while rank 0 has two: under ZeRO-3
-    # every forward pass is a collective, and without idle passes on rank 1 this evaluation used to hang.
-    assert load_index(tiny_shards)["splits"]["valid"]["shards"][0]["num_samples"] == 20
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["num_samples"] == 20
+    # The valid split is one utterance, so rank 1 has no evaluation batch while rank 0 has one: under
+    # ZeRO-3 every forward pass is a collective, and without idle passes on rank 1 evaluation would hang.
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["num_samples"] == 1
     # ZeRO-3 shards the weights; the checkpoint's gathered copy must reproduce the run's own evaluation
-    metrics = run_evaluate(str(run_dir), str(tiny_shards), "valid", batch_size=16, num_workers=0)
-    assert metrics["num_samples"] == 20
-    assert metrics["loss"] == pytest.approx(ranks[0]["metrics"]["loss"], rel=1e-4)
+    metrics = run_evaluate(str(run_dir), str(one_utterance_valid), "valid", batch_size=16, num_workers=0)
+    assert metrics["num_samples"] == 1
+    assert metrics["loss"] == pytest.approx(ranks[0]["metrics"]["loss"], rel=1e-5)

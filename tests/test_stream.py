@@ -23,9 +23,11 @@ from spkdist.stream import (
     TRAIN_BUNDLE_BATCHES,
     BadShardWarning,
     Batch,
+    Shard,
     Utterance,
     collate,
     eval_loader,
+    eval_share,
     steps_per_epoch,
     train_loader,
 )
@@ -181,16 +183,41 @@ def test_epoch_batches_overrides_the_epoch_length(shard_dir):
     assert len(loader) == 7 and len(list(loader)) == 7
 
 
-@pytest.mark.parametrize(("split", "world_size", "num_workers"), [("valid", 2, 2), ("test", 3, 0)])
+@pytest.mark.parametrize(
+    ("split", "world_size", "num_workers"),
+    [("valid", 2, 2), ("valid", 3, 2), ("valid", 1, 0), ("test", 3, 0)],  # 5 or 2 shards, 1 to 6 readers
+)
 def test_eval_covers_every_sample_exactly_once_whole(shard_dir, split, world_size, num_workers):
     counts: Counter[int] = Counter()
-    for rank in range(world_size):  # test split: 2 shards over 3 ranks, so one rank has none
+    per_rank = []
+    for rank in range(world_size):
+        rows = 0
         for batch in evaluate(shard_dir, split, num_workers=num_workers, rank=rank, world_size=world_size):
             check_batch(batch, whole=True)
             assert batch.lengths.tolist() == sorted(batch.lengths.tolist())  # length-sorted batches
             counts.update(row_ids(batch))
+            rows += len(batch)
+        per_rank.append(rows)
     first, count, _ = SPLITS[split]
     assert counts == Counter(range(first, first + count))
+    # shared by all ranks, fewer shards than readers included: none idles, none does twice its share
+    assert min(per_rank) > 0 and max(per_rank) <= 2 * math.ceil(count / world_size)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 6, 8])
+def test_eval_share_takes_each_sample_once_and_balances_the_readers(n_shards, slots):
+    shards = [Shard(i, f"s{i}", 10) for i in range(n_shards)]
+    taken: Counter[tuple[int, int]] = Counter()
+    loads = []
+    for slot in range(slots):
+        share = eval_share(shards, slot, slots)
+        for shard in share:
+            taken.update((shard.number, k) for k in range(shard.part, shard.num_samples, shard.parts))
+        loads.append(sum(len(range(s.part, s.num_samples, s.parts)) for s in share))
+    assert taken == Counter((i, k) for i in range(n_shards) for k in range(10))
+    # every reader works, and none reads more than twice its even share (one reader: all of it)
+    assert min(loads) > 0 and max(loads) <= 2 * math.ceil(10 * n_shards / slots)
 
 
 def test_collate_pads_with_zeros_and_reports_lengths():
@@ -245,7 +272,7 @@ def test_eval_raises_on_a_damaged_shard_in_a_worker(shard_dir, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(shard_dir, out)
     (out / "valid-000002.tar").write_bytes(b"not a tar file" * 100)
-    loader = evaluate(out, "valid", num_workers=2, world_size=2)
+    loader = evaluate(out, "valid", num_workers=2, rank=1, world_size=2)  # rank 1 reads shard 2
     with pytest.raises(SpkdistError, match=r"^\S+/valid-000002\.tar: damaged shard: ValueError: [^\n]+$"):
         list(loader)  # the worker's one-line message, not torch's re-raise with a traceback
 

@@ -1,85 +1,27 @@
-"""The training job on CPU: every recipe, checkpoints and resume, signals, trackers, DDP with 2 processes."""
+"""The training job in one CPU process: every recipe, checkpoints and resume, signals at any moment, the
+on-device step (no host reads, non-finite steps skipped), torch.compile, trackers.
+
+Multi-process launches are in test_distributed.py and test_scale.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import N_SPEAKERS, TRAIN, cli_env, small_overrides
 
-from spkdist import checkpoint
+from spkdist import checkpoint, train
 from spkdist.config import load_config
 from spkdist.errors import SpkdistError
-from spkdist.shards import SplitWriter, build_index, encode_sample, write_index
 from spkdist.train import run
-
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "launch" / "train.py"
-N_SPEAKERS, N_MELS = 4, 40
-
-
-def make_tiny_shards(out: Path, train_per_speaker: int = 25, shard_count: int = 20) -> Path:
-    """4 speakers, each with its own spectral shape; train spread over 5 shards (not a multiple of 2x2)."""
-    rng = np.random.default_rng(0)
-    shapes = rng.normal(0.0, 1.0, size=(N_SPEAKERS, N_MELS))  # per-speaker mean over mel bins
-    speaker2id = {f"spk{i}": i for i in range(N_SPEAKERS)}
-    splits, frames = {}, {}
-    for split, per_speaker in (("train", train_per_speaker), ("valid", 5), ("test", 3)):
-        order = [(s, k) for s in range(N_SPEAKERS) for k in range(per_speaker)]
-        rng.shuffle(order)
-        frames[split] = 0
-        with SplitWriter(out, split, max_count=shard_count, max_bytes=1 << 30) as writer:
-            for position, (speaker, k) in enumerate(order):
-                length = int(rng.integers(20, 60))
-                feats = (shapes[speaker] + rng.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
-                meta = {
-                    "speaker": f"spk{speaker}",
-                    "speaker_id": speaker,
-                    "source": f"{split}/{speaker}/{k}.pt",
-                    "num_frames": length,
-                    "order": position,
-                }
-                writer.write(encode_sample(f"{split}-{position:05d}", feats, meta))
-                frames[split] += length
-        splits[split] = writer.shards
-    write_index(
-        out,
-        build_index(
-            splits, frames, speaker2id, {"n_mels": N_MELS, "dtype": "float16"}, {"format": "test"}, [], {}
-        ),
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"))
-
-
-def small_overrides(shards: Path, out: Path, steps: int = 4) -> list[str]:
-    """Settings that keep a real recipe's architecture but make a run take seconds on CPU."""
-    return [
-        f"data.shards={shards}",
-        f"train.output_dir={out}",
-        f"train.max_steps={steps}",
-        "data.batch_size=8",
-        "data.segment_len=32",
-        "data.eval_batch_size=16",
-        "data.num_workers=0",
-        "data.shuffle_buffer=50",
-        f"train.eval_every={steps}",
-        f"train.save_every={steps}",
-        "train.log_every=1",
-        "optim.warmup_steps=2",
-        "log.tracker=none",
-    ]
 
 
 def train_cli(config: str, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -91,16 +33,6 @@ def train_cli(config: str, overrides: list[str]) -> subprocess.CompletedProcess:
         timeout=300,
         env=cli_env(),
     )
-
-
-def cli_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 @pytest.mark.parametrize("recipe", ["sample", "medium", "strong", "boss"])
@@ -185,34 +117,166 @@ def test_missing_shards_is_a_one_line_error(tmp_path):
 
 def test_sigterm_checkpoints_and_resume_reaches_the_final_step(tiny_shards, tmp_path, capsys):
     out = tmp_path / "run"
-    steps = 3000  # far more than it takes before the signal, on a fast machine too
-    overrides = [
-        *small_overrides(tiny_shards, out, steps=steps),
-        "train.save_every=5000",
-        "train.eval_every=5000",
-    ]
+    steps = 300
+    overrides = [*small_overrides(tiny_shards, out, steps=steps), "train.eval_every=1000"]
     proc = subprocess.Popen(
-        [sys.executable, str(TRAIN), "--config", "sample.yaml", *overrides],
+        [sys.executable, str(TRAIN), "--config", "sample.yaml", *overrides, "train.save_every=1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=cli_env(),
     )
-    deadline = time.time() + 120
-    while not (out / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)  # let it take some steps
+    # signal once training is under way: the first step's checkpoint is there (an event, not a delay)
+    deadline = time.time() + 240
+    while not (checkpoint.checkpoint_dir(out) / "last").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert "SIGTERM: stopped at step" in output and "train.resume=latest" in output
     stopped = checkpoint.load_model_file(out)
     assert 0 < stopped["step"] < steps and stopped["config"]["train"]["max_steps"] == steps
 
-    resumed = run(load_config("sample.yaml", [*overrides, "train.resume=latest"]))
+    resumed = run(load_config("sample.yaml", [*overrides, "train.resume=latest", "train.save_every=1000"]))
     assert f"at step {stopped['step']}" in capsys.readouterr().out  # continued, did not start over
     assert resumed.step == steps
     assert checkpoint.load_model_file(out)["step"] == steps
+
+
+def test_a_signal_during_start_up_stops_cleanly_and_handlers_are_restored(tiny_shards, tmp_path, monkeypatch):
+    real_load_index = train.load_index
+
+    def load_index_then_sigterm(location):  # the signal lands in the middle of set-up
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_load_index(location)
+
+    monkeypatch.setattr(train, "load_index", load_index_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    result = run(load_config("sample.yaml", small_overrides(tiny_shards, tmp_path / "run")))
+    assert result.stopped_by == "SIGTERM" and result.step == 0
+    assert not checkpoint.step_checkpoints(checkpoint.checkpoint_dir(tmp_path / "run"))
+    assert signal.getsignal(signal.SIGTERM) is before  # an in-process run leaves them as it found them
+
+
+def test_a_nonfinite_step_changes_nothing(tiny_shards, tmp_path):
+    overrides = [*small_overrides(tiny_shards, tmp_path / "run", steps=10), "optim.warmup_steps=3"]
+    job = train.setup(load_config("boss.yaml", overrides))
+    meter, health = train.Meter(job.accelerator.device), train.StepHealth(job.accelerator.device, 0)
+    for _ in range(2):
+        train.train_step(job, meter, health)
+
+    def snapshot():
+        optimizer = job.optimizer.state_dict()
+        return (
+            {k: v.clone() for k, v in job.model.state_dict().items()},
+            {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer["state"].items()},
+            job.schedule.last_lr(),
+        )
+
+    weights, moments, lr = snapshot()
+    finite_batches = job.train_batches
+    poisoned = next(finite_batches)
+    poisoned.mels[0, 0, 0] = float("nan")  # a real frame: the loss and every gradient become NaN
+    job.train_batches = iter([poisoned])
+    train.train_step(job, meter, health)
+    assert health.skipped_steps() == 1
+    after_weights, after_moments, after_lr = snapshot()
+    assert after_lr == lr and lr > 0
+    for name, value in weights.items():
+        assert torch.equal(after_weights[name], value), name
+    for i, state in moments.items():
+        for key, value in state.items():
+            assert torch.equal(after_moments[i][key], value), (i, key)  # exp_avg, exp_avg_sq and step
+
+    job.train_batches = finite_batches
+    train.train_step(job, meter, health)  # the next finite step trains and advances the schedule
+    assert health.skipped_steps() == 1 and job.schedule.last_lr() != lr
+    assert not torch.equal(job.model.state_dict()["head.weight"], weights["head.weight"])
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_no_host_reads_in_training_steps_between_log_steps(tiny_shards, tmp_path, monkeypatch):
+    """Between log steps a step reads nothing back from the device (on a GPU each read is a stall)."""
+    reads: Counter[int] = Counter()  # the step being run -> tensor reads made until the next step starts
+    steps_started = [0]
+    real_train_step = train.train_step
+
+    def counted_train_step(*args):
+        steps_started[0] += 1
+        real_train_step(*args)
+
+    monkeypatch.setattr(train, "train_step", counted_train_step)
+
+    def counting(real):
+        def read(self, *args, **kwargs):
+            # The DataLoader draws its base seed with .item() at each epoch's start: host data, not a
+            # device read. Everything else counts.
+            if not sys._getframe(1).f_globals["__name__"].startswith("torch.utils.data"):
+                reads[steps_started[0]] += 1
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    overrides = [
+        *small_overrides(tiny_shards, tmp_path / "run", steps=20),
+        "train.log_every=5",
+        "train.eval_every=10",
+        "train.save_every=10",
+        "train.grad_accum=2",
+    ]
+    run(load_config("boss.yaml", overrides))
+    assert steps_started[0] == 20
+    assert {step: n for step, n in reads.items() if step % 5} == {}
+    assert all(reads[step] > 0 for step in (5, 10, 15, 20))  # the counter does see log-step reads
+
+
+def compiled_losses(tiny_shards: Path, out: Path, compile: bool, steps: int = 6) -> list[float]:
+    overrides = [
+        *small_overrides(tiny_shards, out, steps=steps),
+        "model.dropout=0.0",  # the compiled graph draws dropout masks from another generator
+        f"train.compile={str(compile).lower()}",
+    ]
+    job = train.setup(load_config("sample.yaml", overrides))
+    meter, health = train.Meter(job.accelerator.device), train.StepHealth(job.accelerator.device, 0)
+    losses = []
+    for _ in range(steps):
+        train.train_step(job, meter, health)
+        losses.append(meter.flush(job.accelerator)["train/loss"])
+    return losses
+
+
+def test_compiled_training_follows_the_eager_loss_trajectory(tiny_shards, tmp_path):
+    eager = compiled_losses(tiny_shards, tmp_path / "eager", compile=False)
+    compiled = compiled_losses(tiny_shards, tmp_path / "compiled", compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert eager[-1] < eager[0]  # it trains
+
+
+def test_compiled_evaluation_does_not_recompile_for_every_batch_shape(tiny_shards, tmp_path):
+    from torch._dynamo.utils import counters
+
+    cfg = load_config("sample.yaml", [*small_overrides(tiny_shards, tmp_path / "run"), "train.compile=true"])
+    job = train.setup(cfg)
+    model = job.accelerator.unwrap_model(job.model).eval()
+    rng = np.random.default_rng(0)
+    shapes = [(int(rng.integers(2, 17)), int(rng.integers(5, 200))) for _ in range(20)]
+    shapes[3] = (1, 77)  # a lone utterance: torch.compile specialises sizes 0 and 1 once
+    graphs = []
+    with torch.no_grad():
+        for batch_size, frames in shapes:
+            lengths = torch.from_numpy(rng.integers(1, frames + 1, batch_size))
+            lengths[0] = frames
+            model(torch.randn(batch_size, frames, 40), lengths)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(shapes)) == 20
+    # each graph recompiles once as dynamic at its first new shape and once for batch size 1; then the
+    # other 15 shapes compile nothing
+    assert graphs[-1] == graphs[4]
 
 
 def test_wandb_offline_run_holds_the_metrics(tiny_shards, tmp_path, monkeypatch):
@@ -231,47 +295,3 @@ def test_wandb_offline_run_holds_the_metrics(tiny_shards, tmp_path, monkeypatch)
         b"valid/accuracy",
     ):
         assert key in logged
-
-
-def launch_ddp(tiny_shards: Path, tmp_path: Path, extra: list[str], launcher: list[str]) -> list[dict]:
-    """Train with 2 processes through `accelerate launch` and return each rank's probe record."""
-    prefix = tmp_path / "probe"
-    overrides = [*small_overrides(tiny_shards, tmp_path / "run", steps=6), "data.num_workers=2", *extra]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *launcher,
-        str(REPO / "tests" / "train_probe.py"),
-        str(prefix),
-        "--config",
-        "sample.yaml",
-        *overrides,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in range(2)]
-
-
-def test_two_process_ddp_ranks_agree(tiny_shards, tmp_path):
-    ranks = launch_ddp(
-        tiny_shards,
-        tmp_path,
-        [],
-        [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
-    )
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    assert [r["step"] for r in ranks] == [6, 6]
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    assert ranks[0]["metrics"] == ranks[1]["metrics"]
-    assert ranks[0]["metrics"]["num_samples"] == 5 * N_SPEAKERS  # every valid sample once across ranks

@@ -4,8 +4,9 @@ Both loops train the same recipe model (from configs/<name>.yaml) on the same in
 process, on the CPU or the one GPU this machine has:
 
     bare  forward, cross-entropy, backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad
-    ours  `spkdist.train.train_step`: the exact step the trainer runs (Accelerate-prepared model,
-          optimizer and schedule, `accumulate`, clipping, the non-finite check, the metric meter)
+    ours  `spkdist.train.train_step`: the exact step the trainer runs (Accelerate-prepared model and
+          optimizer, the device-side schedule, `accumulate`, clipping, the on-device non-finite skip,
+          the metric meter)
 
 The two loops alternate --repeats times (--steps timed steps each, after --warmup untimed ones) and the
 fastest repeat of each is reported: other processes on the machine only ever slow a repeat down, and
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +29,9 @@ from accelerate import Accelerator
 
 from ..config import load_config
 from ..models import MODEL_NAMES, build_model
+from ..schedules import WarmupCosine
 from ..stream import Batch
-from ..train import Meter, make_optimizer, train_step, warmup_cosine
+from ..train import Job, Meter, StepHealth, TrainState, make_optimizer, train_step
 
 N_SPEAKERS, N_MELS = 600, 40  # HW4-shaped
 
@@ -82,10 +86,10 @@ def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str):
     """The homework-style loop: nothing between the model and the optimizer."""
     model = build_model(cfg.model, N_MELS, N_SPEAKERS).to(device).train()
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
-    )
+    warmup = max(1, cfg.optim.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    max_norm = cfg.train.clip_grad_norm or math.inf  # 0 means "never clip", as in the trainer
     position = 0
 
     def step() -> None:
@@ -96,7 +100,7 @@ def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str):
             logits = model(batch.mels, batch.lengths, batch.labels)
         loss = F.cross_entropy(logits.float(), batch.labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -105,29 +109,32 @@ def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str):
 
 
 def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
-    """`train_step` exactly as `spkdist.train.run` calls it."""
+    """`train_step` exactly as `spkdist.train.fit` calls it (a Job holding only what a step uses)."""
     model = build_model(cfg.model, N_MELS, N_SPEAKERS)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    schedule = WarmupCosine(
+        optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, accelerator.device
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    meter = Meter(accelerator.device, world_size=1)
-    stream = itertools.cycle(batches)
-
-    def step() -> None:
-        train_step(accelerator, model, optimizer, scheduler, stream, meter, 1, cfg.train.clip_grad_norm)
-
-    return step
+    job = Job(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        state=TrainState(),
+        train_batches=itertools.cycle(batches),
+        valid_loader=None,
+        n_mels=N_MELS,
+        payload={},
+        out=Path("."),
+    )
+    meter, health = Meter(accelerator.device), StepHealth(accelerator.device, 0)
+    return lambda: train_step(job, meter, health)
 
 
 def run(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=args.mixed_precision,
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     device = accelerator.device
     print(
         f"device {device}, batch {args.batch_size} x {args.segment_len} frames, "

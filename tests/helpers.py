@@ -1,0 +1,182 @@
+"""Training-test helpers: tiny labeled shards, small-run overrides, bounded multi-process launches.
+
+Every launch runs in its own process group with a deadline, and the whole group is killed afterwards,
+so a hung rank fails its test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from spkdist.shards import SplitWriter, build_index, encode_sample, write_index
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+PROBE = REPO / "tests" / "train_probe.py"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+N_SPEAKERS, N_MELS = 4, 40
+TINY_SPLITS = {"train": 100, "valid": 20, "test": 12}
+
+
+def make_tiny_shards(out: Path, sizes: dict[str, int] = TINY_SPLITS, shard_count: int = 20) -> Path:
+    """4 speakers, each with its own spectral shape, `sizes[split]` utterances per split, at most
+    `shard_count` per shard: by default train spreads over 5 shards (not a multiple of 2 or 3 ranks, nor
+    of ranks x 2 workers) and valid is ONE shard, so with 2 ranks one rank holds no validation shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shapes = rng.normal(0.0, 1.0, size=(N_SPEAKERS, N_MELS))  # per-speaker mean over mel bins
+    speaker2id = {f"spk{i}": i for i in range(N_SPEAKERS)}
+    splits, frames = {}, {}
+    for split, size in sizes.items():
+        order = [(k % N_SPEAKERS, k // N_SPEAKERS) for k in range(size)]
+        rng.shuffle(order)
+        frames[split] = 0
+        with SplitWriter(out, split, max_count=shard_count, max_bytes=1 << 30) as writer:
+            for position, (speaker, k) in enumerate(order):
+                length = int(rng.integers(20, 60))
+                feats = (shapes[speaker] + rng.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
+                meta = {
+                    "speaker": f"spk{speaker}",
+                    "speaker_id": int(speaker),
+                    "source": f"{split}/{speaker}/{k}.pt",
+                    "num_frames": length,
+                    "order": position,
+                }
+                writer.write(encode_sample(f"{split}-{position:05d}", feats, meta))
+                frames[split] += length
+        splits[split] = writer.shards
+    write_index(
+        out,
+        build_index(
+            splits, frames, speaker2id, {"n_mels": N_MELS, "dtype": "float16"}, {"format": "test"}, [], {}
+        ),
+    )
+    return out
+
+
+def small_overrides(shards: Path, out: Path, steps: int = 4) -> list[str]:
+    """Settings that keep a real recipe's architecture but make a run take seconds on CPU."""
+    return [
+        f"data.shards={shards}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "data.batch_size=8",
+        "data.segment_len=32",
+        "data.eval_batch_size=16",
+        "data.num_workers=0",
+        "data.shuffle_buffer=50",
+        f"train.eval_every={steps}",
+        f"train.save_every={steps}",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        "log.tracker=none",
+    ]
+
+
+# Small enough for 3 processes on 2 cores, and still a Conformer with BatchNorm buffers.
+TINY_CONFORMER = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.ffn_dim=32"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_launcher(processes: int = 2) -> list[str]:
+    """`accelerate launch` of N gloo DDP processes on this machine, on a free port."""
+    return [
+        *LAUNCH,
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+def deepspeed_launcher(name: str) -> list[str]:
+    """`accelerate launch` with configs/accelerate/NAME.yaml, 2 CPU processes, on a free port."""
+    return [
+        *LAUNCH,
+        "--config_file",
+        str(REPO / f"configs/accelerate/{name}.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+def start_group(command: list[str], cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    """Start a launcher in its own process group, so a test can always kill it with all its workers."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(**env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def finish_groups(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Wait for every launcher (bounded), then kill whatever is left of their process groups."""
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_launcher(command: list[str], timeout: int = 300, **env: str) -> tuple[int, str]:
+    """Run a launcher to completion (bounded); its exit code and output."""
+    proc = start_group(command, **env)
+    output = finish_groups([proc], timeout)[0]
+    return proc.returncode, output
+
+
+def run_checked(command: list[str], timeout: int = 300, **env: str) -> str:
+    """Run a launcher that must succeed; its output."""
+    returncode, output = run_launcher(command, timeout, **env)
+    assert returncode == 0, output[-6000:]
+    return output
+
+
+def probe(prefix: Path, config: str, overrides: list[str]) -> list[str]:
+    """The arguments that run tests/train_probe.py (train, then record each rank's end state)."""
+    return [str(PROBE), str(prefix), "--config", config, *overrides]
+
+
+def read_ranks(prefix: Path, world_size: int = 2) -> list[dict]:
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(world_size)]
