@@ -11,13 +11,14 @@ import json
 from functools import partial
 from types import ModuleType
 
-from . import loader, recipes, shard, step
+from . import gpu, loader, recipes, shard, step
 
 BENCHMARKS: dict[str, ModuleType] = {
     "shard": shard,
     "loader": loader,
     "step": step,
     "recipes": recipes,
+    "gpu": gpu,
 }
 
 

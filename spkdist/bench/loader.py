@@ -32,14 +32,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from ..badinput import BadInput
 from ..config import DataConfig
 from ..errors import SpkdistError
-from ..sharding import ShardOptions, shard
+from ..sharding import ShardOptions
 from ..shards import load_index
-from ..sources import read_hw4
 from ..stream import train_loader
-from .synth import make_hw4_dir
+from .synth import make_hw4_shards
 
 HW4_PADDING = -20.0  # what the homework's collate pads with
 
@@ -66,7 +64,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.scale <= 0 or min(args.workers, args.batch_size, args.batches, args.repeats) < 1:
         raise SpkdistError("--scale, --workers, --batch-size, --batches and --repeats must be positive")
     with tempfile.TemporaryDirectory(prefix="spkdist-bench-", dir=args.dir) as tmp:
-        hw4, shards = _build_set(Path(tmp), args)
+        hw4, shards = make_hw4_shards(
+            Path(tmp), scale=args.scale, seed=args.seed, workers=args.workers, shard_mb=args.shard_mb
+        )
         baseline = PerFileDataset(hw4, args.segment_len)
         if (args.warmup + args.batches) * args.batch_size > len(baseline):
             raise SpkdistError(
@@ -147,19 +147,6 @@ def _our_loader(shards: Path, index: dict[str, Any], args: argparse.Namespace) -
         epoch_batches=args.warmup + args.batches,  # one epoch covers the whole run
         pin_memory=False,
     )
-
-
-def _build_set(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The synthetic HW4 directory and its shards, as `spkdist shard HW4DIR --out DIR` writes them."""
-    started = time.perf_counter()
-    hw4 = make_hw4_dir(work / "hw4", scale=args.scale, seed=args.seed)
-    generated = time.perf_counter()
-    bad = BadInput(skip=False)
-    corpus = read_hw4(hw4, bad)
-    options = ShardOptions(workers=args.workers, seed=args.seed, max_shard_mb=args.shard_mb, progress=False)
-    summary = shard(corpus, corpus.precomputed, work / "shards", options, bad)
-    print(f"generated {hw4} in {generated - started:.1f} s; sharded in {summary.seconds:.1f} s:\n{summary}")
-    return hw4, work / "shards"
 
 
 def _settings(args: argparse.Namespace, utterances: int) -> dict[str, Any]:

@@ -9,10 +9,15 @@ code also pads with. The same arguments always give the same files.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..badinput import BadInput
+from ..sharding import ShardOptions, shard
+from ..sources import read_hw4
 
 HW4_SPEAKERS, HW4_TRAIN, HW4_TEST, HW4_N_MELS = 600, 56_666, 8_000, 40
 SILENCE = -20.0
@@ -62,3 +67,19 @@ def make_hw4_dir(
 
 def _write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2))
+
+
+def make_hw4_shards(
+    work: Path, *, scale: float, seed: int, workers: int, shard_mb: float
+) -> tuple[Path, Path]:
+    """A synthetic HW4 directory (WORK/hw4) and its shards (WORK/shards), as `spkdist shard HW4DIR --out
+    DIR` writes them; prints how long each took."""
+    started = time.perf_counter()
+    hw4 = make_hw4_dir(work / "hw4", scale=scale, seed=seed)
+    generated = time.perf_counter()
+    bad = BadInput(skip=False)
+    corpus = read_hw4(hw4, bad)
+    options = ShardOptions(workers=workers, seed=seed, max_shard_mb=shard_mb, progress=False)
+    summary = shard(corpus, corpus.precomputed, work / "shards", options, bad)
+    print(f"generated {hw4} in {generated - started:.1f} s; sharded in {summary.seconds:.1f} s:\n{summary}")
+    return hw4, work / "shards"

@@ -1,0 +1,190 @@
+"""Training throughput on this machine's GPU (or CPU): our loop against a bare PyTorch loop, per precision.
+
+For each setting of --configs (fp32, bf16, bf16+compile), in a fresh process of its own (Accelerate
+takes one mixed-precision setting per process), times two loops of the same model (configs/MODEL.yaml):
+
+    ours  `spkdist.train.train_step` exactly as the trainer runs it, fed by the real shard stream
+          (`train_loader`, --workers workers) over a synthetic HW4-shaped shard set
+    bare  forward under autocast, cross-entropy, backward, clipping, AdamW, zero_grad, on batches that
+          already sit on the device (no data loading at all), compiled too where the setting says so
+
+After --warmup untimed steps (compilation, worker start-up), --steps steps are timed between device
+syncs. Reported per setting: steps/s and utterances/s of both, ours/bare time ratio, peak device memory
+of each (CUDA only), the share of our loop's time spent waiting for data, and the projected time of the
+homework schedule (--schedule-steps, 70,000) at our speed. One JSON line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import train
+from ..config import load_config
+from ..errors import SpkdistError
+from ..models import MODEL_NAMES, build_model
+from .step import N_MELS, N_SPEAKERS, make_batches, time_steps
+from .synth import make_hw4_shards
+
+SETTINGS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="boss", choices=MODEL_NAMES, help="recipe (configs/NAME.yaml)")
+    parser.add_argument(
+        "--configs", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to time"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
+    parser.add_argument("--segment-len", type=int, default=128, help="frames per training crop")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps of each loop")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation included)")
+    parser.add_argument("--workers", type=int, default=4, help="data loader workers of our loop")
+    parser.add_argument(
+        "--scale", type=float, default=0.1, help="size of the synthetic set, as a share of HW4"
+    )
+    parser.add_argument("--schedule-steps", type=int, default=70_000, help="steps of the projected schedule")
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)  # set for the per-setting process
+    parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if min(args.steps, args.batch_size, args.segment_len) < 1 or args.warmup < 0:
+        raise SpkdistError("--steps, --batch-size and --segment-len must be positive, --warmup >= 0")
+    if args.setting is not None:  # the child process: one setting
+        return measure(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{args.model}, batch {args.batch_size} x {args.segment_len} frames, on {name}")
+    with tempfile.TemporaryDirectory(prefix="spkdist-bench-gpu-") as tmp:
+        _, shards = make_hw4_shards(Path(tmp), scale=args.scale, seed=0, workers=args.workers, shard_mb=256)
+        results = [_measure_in_child(setting, shards, args) for setting in args.configs]
+    for result in results[:-1]:
+        print(json.dumps(result))
+    return results[-1]
+
+
+def _measure_in_child(setting: str, shards: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "spkdist.cli",
+        "bench",
+        "gpu",
+        "--setting",
+        setting,
+        "--shards",
+        str(shards),
+    ]
+    for option in ("model", "batch_size", "segment_len", "steps", "warmup", "workers", "schedule_steps"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SpkdistError(f"bench gpu {setting} failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    print(
+        f"{setting}: ours {result['ours_steps_per_s']:.2f} steps/s ({result['ours_utts_per_s']:.0f} utts/s), "
+        f"bare {result['bare_steps_per_s']:.2f} steps/s, ours/bare time {result['ours_over_bare']:.3f}, "
+        f"peak memory ours {result['ours_peak_gib']} / bare {result['bare_peak_gib']} GiB, data wait "
+        f"{result['data_wait_fraction']:.3f}, {args.schedule_steps:,} steps in "
+        f"{result['schedule_hours']:.2f} h",
+        flush=True,
+    )
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Time both loops for `args.setting` in this process."""
+    precision, compiled = SETTINGS[args.setting]
+    with tempfile.TemporaryDirectory(prefix="spkdist-bench-run-") as out:
+        overrides = [
+            f"data.shards={args.shards}",
+            f"data.batch_size={args.batch_size}",
+            f"data.segment_len={args.segment_len}",
+            f"data.num_workers={args.workers}",
+            f"train.mixed_precision={precision}",
+            f"train.compile={str(compiled).lower()}",
+            f"train.max_steps={args.schedule_steps}",
+            f"train.output_dir={out}",
+            "log.tracker=none",
+        ]
+        job = train.setup(load_config(f"{args.model}.yaml", overrides))
+        device = job.accelerator.device
+        meter, health = train.Meter(device), train.StepHealth(device, 0)
+        job.model.train()
+        _reset_peak(device)
+        ours = time_steps(lambda: train.train_step(job, meter, health), args.steps, args.warmup, device)
+        ours_peak = _peak_gib(device)
+        # data wait over the timed steps only: the meter's window restarted when timing began
+        wait_fraction = _timed_data_wait(meter, job, health, args, device)
+
+        bare_step = _bare_loop(job.cfg, precision, compiled, device, args)
+        _reset_peak(device)
+        bare = time_steps(bare_step, args.steps, args.warmup, device)
+        bare_peak = _peak_gib(device)
+    utterances = args.batch_size
+    return {
+        "setting": args.setting,
+        "model": args.model,
+        "device": str(device),
+        "ours_steps_per_s": round(1 / ours, 3),
+        "ours_utts_per_s": round(utterances / ours, 1),
+        "bare_steps_per_s": round(1 / bare, 3),
+        "bare_utts_per_s": round(utterances / bare, 1),
+        "ours_over_bare": round(ours / bare, 3),
+        "ours_peak_gib": ours_peak,
+        "bare_peak_gib": bare_peak,
+        "data_wait_fraction": round(wait_fraction, 4),
+        "schedule_hours": round(ours * args.schedule_steps / 3600, 2),
+    }
+
+
+def _timed_data_wait(meter, job, health, args, device) -> float:
+    """Share of wall time our loop spends in `next(batches)`, over --steps more steps."""
+    meter.flush(job.accelerator)  # starts a fresh window
+    time_steps(lambda: train.train_step(job, meter, health), args.steps, 0, device)
+    return meter.data_wait / (time.perf_counter() - meter.start)
+
+
+def _bare_loop(cfg, precision: str, compiled: bool, device, args):
+    """The homework-style step on in-memory batches; the synthetic set is HW4-shaped, as these batches."""
+    model = build_model(cfg.model, N_MELS, N_SPEAKERS).to(device).train()
+    if compiled:
+        model.compile(mode=cfg.train.compile_mode)
+    optimizer = train.make_optimizer(model, cfg)
+    batches = make_batches(8, args.batch_size, args.segment_len, device)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    max_norm = cfg.train.clip_grad_norm or math.inf
+    position = 0
+
+    def step() -> None:
+        nonlocal position
+        batch = batches[position % len(batches)]
+        position += 1
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch.mels, batch.lengths, batch.labels)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None
