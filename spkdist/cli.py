@@ -23,8 +23,8 @@ from . import __version__, bench, infer
 from .badinput import BadInput
 from .errors import SpkdistError
 from .features import DTYPES, LogMel
-from .sharding import ShardOptions, shard
-from .shards import load_index, verify
+from .shard_format import load_index, verify
+from .shard_run import ShardOptions, shard
 from .sources import Corpus, detect_format, read_fsdd_demo, read_hw4, read_manifest, read_tree
 
 DEMO_OUT = Path("shards/fsdd-demo")

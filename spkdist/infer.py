@@ -27,7 +27,7 @@ from .errors import SpkdistError
 from .evaluation import evaluate, predict
 from .fsutil import atomic_write_bytes
 from .models import build_model
-from .shards import load_index
+from .shard_format import load_index
 from .stream import eval_loader
 
 # Seconds a rank waits for the others in a collective (an inference launch has no config to set it in).

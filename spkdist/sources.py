@@ -32,7 +32,7 @@ from .demo import FSDD_ARCHIVE
 from .errors import SpkdistError
 from .features import Precomputed
 from .fsutil import sha256_file
-from .shards import SPLITS
+from .shard_format import SPLITS
 
 HW4_FILES = ("mapping.json", "metadata.json", "testdata.json")
 AUDIO_SUFFIXES = (".wav", ".flac")

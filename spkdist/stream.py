@@ -8,7 +8,7 @@ workers:
 
 and `StreamLoader` (a DataLoader) unpacks the bundles of batches the workers hand over.
 
-`index.json` (`spkdist.shards.load_index`) is the source of truth: the shard list and per-shard sample
+`index.json` (`spkdist.shard_format.load_index`) is the source of truth: the shard list and per-shard sample
 counts, the speakers and n_mels. A location is a local directory or any URL prefix `wds.gopen` accepts
 (`pipe:cat /mnt/shared/shards`, `https://host/shards`...), so shards can live on shared or
 object storage.
@@ -46,25 +46,20 @@ shards have all failed raises.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import math
 import random
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
-from typing import Any, BinaryIO, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import SpkdistError
-from .shards import is_remote, shard_urls
+from .shard_format import Sample, decode_sample, read_tar_samples, shard_urls
 
 OnBadShard = Literal["warn", "raise"]
 
@@ -73,17 +68,6 @@ TRAIN_BUNDLE_BATCHES = 8
 # Evaluation batches are cut from chunks of this many batches' worth of samples sorted by length, so
 # utterances of similar length share a batch and little compute goes into padding.
 EVAL_SORT_BATCHES = 32
-
-_BLOCK = 512  # tar block size: headers are one block, member data is padded to whole blocks
-# Read buffer of local shards: members are then copied out of one warm buffer rather than each read being
-# a system call into fresh memory (1 MiB: 6.0 instead of 8.2 us of CPU per sample of the tar parser).
-_LOCAL_BUFFER = 1 << 20
-_END_OF_ARCHIVE = bytes(_BLOCK)
-_NPY_MAGIC = b"\x93NUMPY"
-# The header numpy's writer produces: keys in this order, C order, a 2-D shape.
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|]f[248])', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \}")
-_NPY_DTYPES = {b"<f2": np.dtype("<f2"), b"<f4": np.dtype("<f4"), b"<f8": np.dtype("<f8")}
-_JSON = json.JSONDecoder()  # decode(str) skips json.loads's encoding sniffing: 1.5 instead of 2.5 us
 
 
 class BadShardWarning(UserWarning):
@@ -102,16 +86,6 @@ class Shard(NamedTuple):
     num_samples: int
     part: int = 0
     parts: int = 1
-
-
-class Utterance(NamedTuple):
-    """One decoded sample; `mels` (frames, n_mels) is read-only, a view of the shard's bytes until cropped."""
-
-    key: str
-    mels: np.ndarray
-    speaker_id: int
-    source: str
-    order: int
 
 
 @dataclass
@@ -219,7 +193,7 @@ def slot_shards(
     raise SpkdistError(f"{where}: all {len(shards)} training shards are damaged")
 
 
-def read_shards(shards: Iterable[Shard], n_mels: int, bad: BadShards) -> Iterator[Utterance]:
+def read_shards(shards: Iterable[Shard], n_mels: int, bad: BadShards) -> Iterator[Sample]:
     """Decoded utterances of each shard in turn; a damaged shard goes to `bad` (raise, or warn and skip).
 
     A shard is damaged when its tar structure, a sample's .npy or .json, or its sample count (against
@@ -231,15 +205,15 @@ def read_shards(shards: Iterable[Shard], n_mels: int, bad: BadShards) -> Iterato
         n_mels: expected feature dimension.
         bad: the worker's damaged shards and the policy.
     Yields:
-        Utterance, each a view into its shard's bytes: (frames, n_mels), float16 as stored; of a shard
+        Sample, each a view into its shard's bytes: (frames, n_mels), float16 as stored; of a shard
         with `parts` > 1, only its share (other samples are counted, not decoded).
     """
     for shard in shards:
         count = 0
         try:
-            for key, parts in _tar_samples(shard.url):
+            for key, parts in read_tar_samples(shard.url):
                 if count % shard.parts == shard.part:
-                    yield _decode(key, parts, n_mels)
+                    yield decode_sample(key, parts, n_mels)
                 count += 1
             if count != shard.num_samples:
                 raise ValueError(f"{count} samples, index.json says {shard.num_samples}")
@@ -247,14 +221,14 @@ def read_shards(shards: Iterable[Shard], n_mels: int, bad: BadShards) -> Iterato
             bad.record(shard, f"{type(e).__name__}: {e}")
 
 
-def random_crop(utterances: Iterable[Utterance], segment_len: int, rng: random.Random) -> Iterator[Utterance]:
+def random_crop(utterances: Iterable[Sample], segment_len: int, rng: random.Random) -> Iterator[Sample]:
     """A random window of `segment_len` frames of each utterance; shorter ones are kept whole.
 
     The crop is copied out so that the utterance's bytes are freed at once and the shuffle buffer holds
     only crops (less memory, and measured a little faster than buffering views of whole utterances).
 
     Yields:
-        Utterance with mels (min(frames, segment_len), n_mels).
+        Sample with mels (min(frames, segment_len), n_mels).
     """
     for utt in utterances:
         frames = len(utt.mels)
@@ -298,7 +272,7 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def length_sorted(chunked: Iterable[list[Utterance]], batch_size: int) -> Iterator[list[Utterance]]:
+def length_sorted(chunked: Iterable[list[Sample]], batch_size: int) -> Iterator[list[Sample]]:
     """Batches cut from each chunk after sorting it by length, so padding within a batch is small.
 
     Yields:
@@ -309,7 +283,7 @@ def length_sorted(chunked: Iterable[list[Utterance]], batch_size: int) -> Iterat
         yield from chunks(chunk, batch_size)
 
 
-def collate(groups: Sequence[Sequence[Utterance]], n_mels: int, bad_shards: int = 0) -> list[Batch]:
+def collate(groups: Sequence[Sequence[Sample]], n_mels: int, bad_shards: int = 0) -> list[Batch]:
     """A Batch per group of utterances, the tensors of all of them views of one storage.
 
     A worker hands each storage to the main process through its own shared-memory segment, and each
@@ -345,7 +319,7 @@ def collate(groups: Sequence[Sequence[Utterance]], n_mels: int, bad_shards: int 
     return batches
 
 
-def _pad(utterances: Sequence[Utterance], n_mels: int) -> np.ndarray:
+def _pad(utterances: Sequence[Sample], n_mels: int) -> np.ndarray:
     """The utterances' features stacked and zero-padded to the longest: (B, T, n_mels), stored dtype."""
     padded = np.zeros(
         (len(utterances), max(len(utt.mels) for utt in utterances), n_mels), utterances[0].mels.dtype
@@ -353,143 +327,6 @@ def _pad(utterances: Sequence[Utterance], n_mels: int) -> np.ndarray:
     for row, utt in zip(padded, utterances, strict=True):
         row[: len(utt.mels)] = utt.mels
     return padded
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tar and sample decoding: the per-sample hot path.
-
-
-def _read(stream: BinaryIO, size: int) -> bytes:
-    """Up to `size` bytes; fewer only at end of stream (a raw stream may return short reads)."""
-    data = stream.read(size)
-    while len(data) < size:
-        more = stream.read(size - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, memoryview]]:
-    """(name, data) of each regular file in a tar stream, parsed from the 512-byte headers directly.
-
-    Each read fetches a member's padded data together with the header after it, so a member costs one
-    read call. Names longer than the 100-byte field come from pax ('x') or GNU ('L') records. Raises
-    ValueError on a header that is not ustar or a stream that ends inside a member.
-
-    Yields:
-        (member name, memoryview of its data)
-    """
-    header = _read(stream, _BLOCK)
-    long_name = None
-    while header and header != _END_OF_ARCHIVE:  # a missing end-of-archive marker is tolerated
-        if len(header) < _BLOCK or header[257:262] != b"ustar":
-            raise ValueError("truncated or invalid tar header")
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        padded = -(-size // _BLOCK) * _BLOCK
-        block = _read(stream, padded + _BLOCK)
-        if len(block) < padded:
-            raise ValueError("truncated tar member")
-        data = memoryview(block)[:size]
-        kind = header[156:157]
-        if kind in (b"0", b"\0"):
-            name = long_name or header[:100].split(b"\0", 1)[0].decode()
-            if header[345]:  # ustar prefix: names up to 256 bytes without a pax record
-                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
-            yield name, data
-            long_name = None
-        elif kind == b"x":
-            long_name = _pax_path(bytes(data)) or long_name
-        elif kind == b"L":
-            long_name = bytes(data).split(b"\0", 1)[0].decode()
-        header = block[padded:]
-
-
-def _pax_path(records: bytes) -> str | None:
-    """The `path` of a pax extended header ("<len> key=value\\n" records), if it has one."""
-    for record in records.decode().splitlines():
-        key, _, value = record.partition(" ")[2].partition("=")
-        if key == "path":
-            return value
-    return None
-
-
-def _open_shard(url: str) -> BinaryIO:
-    """A shard's byte stream: a local path with a large buffer, any other URL through `wds.gopen`."""
-    if is_remote(url):
-        return wds.gopen(url, "rb")
-    return open(url, "rb", buffering=_LOCAL_BUFFER)
-
-
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
-    """(key, {extension: data}) per sample of one shard: consecutive members sharing a key.
-
-    A shard abandoned mid-way (an epoch ending, or damage) is closed quietly: a `pipe:` producer then dies
-    of the closed pipe, and its exit status would only hide the real reason. After a complete read the
-    stream is drained and closed normally, so a failed `pipe:` command is reported.
-    """
-    stream = _open_shard(url)
-    try:
-        key, parts = None, {}
-        for name, data in _tar_members(stream):
-            member_key, _, ext = name.partition(".")
-            if member_key != key and parts:
-                yield key, parts
-                parts = {}
-            key = member_key
-            parts[ext] = data
-        if parts:
-            yield key, parts
-        while stream.read(1 << 16):  # the zero padding after the end-of-archive marker
-            pass
-    except BaseException:
-        with contextlib.suppress(Exception):
-            stream.close()
-        raise
-    stream.close()
-
-
-def _decode(key: str, parts: dict[str, memoryview], n_mels: int) -> Utterance:
-    """An Utterance from a sample's raw `.npy` and `.json` members; ValueError/KeyError if malformed."""
-    npy, meta = parts.get("npy"), parts.get("json")
-    if npy is None or meta is None:
-        raise ValueError(f"sample {key} has members {sorted(parts)}, expected npy and json")
-    mels = _npy_view(npy, key)
-    meta = _JSON.decode(str(meta, "utf-8"))
-    if mels.shape != (meta["num_frames"], n_mels):
-        raise ValueError(f"sample {key} has shape {mels.shape}, expected ({meta['num_frames']}, {n_mels})")
-    return Utterance(key, mels, meta["speaker_id"], meta["source"], meta["order"])
-
-
-def _npy_view(npy: memoryview, key: str) -> np.ndarray:
-    """The 2-D array of an .npy payload, as a view of its bytes."""
-    if npy[:6] != _NPY_MAGIC:
-        raise ValueError(f"sample {key}: .npy member is not in numpy format")
-    if npy[6] == 1:  # version 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
-        start = 10 + int.from_bytes(npy[8:10], "little")
-        header = bytes(npy[10:start])
-    else:
-        start = 12 + int.from_bytes(npy[8:12], "little")
-        header = bytes(npy[12:start])
-    parsed = _npy_header(header)
-    if parsed is None:
-        raise ValueError(f"sample {key}: unsupported .npy header {header[:80]!r}")
-    dtype, shape = parsed
-    return np.frombuffer(npy, dtype, shape[0] * shape[1], start).reshape(shape)
-
-
-@functools.lru_cache(maxsize=8192)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, int]] | None:
-    """(dtype, shape) from an .npy header dict, or None if unsupported.
-
-    A regex instead of numpy's literal_eval, and cached: utterances of one length share the exact header
-    (2.0 -> 1.3 us per sample).
-    """
-    match = _NPY_HEADER.match(header)
-    if match is None:
-        return None
-    descr, frames, mels = match.groups()
-    return _NPY_DTYPES[descr], (int(frames), int(mels))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -518,7 +355,7 @@ class _ShardStream(IterableDataset):
         self.n_mels = n_mels
         self._bad = BadShards(on_bad_shard)  # per worker copy, kept across epochs by persistent workers
 
-    def _bundles(self, groups: Iterable[list[Utterance]]) -> Iterator[list[Batch] | _StreamError]:
+    def _bundles(self, groups: Iterable[list[Sample]]) -> Iterator[list[Batch] | _StreamError]:
         """Collated batches, `bundle_batches` at a time (see `collate`), for StreamLoader to unpack.
 
         A SpkdistError ends the stream as a `_StreamError` item, raised again by StreamLoader: torch would

@@ -57,7 +57,7 @@ from .evaluation import evaluate
 from .fsutil import atomic_write_bytes
 from .models import build_model
 from .schedules import WarmupCosine
-from .shards import load_index
+from .shard_format import load_index
 from .stream import Batch, StreamLoader, eval_loader, train_loader
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_tiny_shards
+from helpers import make_tiny_shards, tar_samples
 
 from spkdist.bench.synth import make_hw4_dir
 from spkdist.cli import main
 from spkdist.demo import FSDD_ARCHIVE
-from spkdist.shards import iter_tar_samples, load_index
+from spkdist.shard_format import load_index
 
 # 4 speakers, 40 train + 8 test utterances of 20-80 frames: shards in well under a second.
 SMALL_HW4 = {"n_speakers": 4, "n_train": 40, "n_test": 8, "frames": (20, 80), "median_frames": 40}
@@ -66,7 +66,7 @@ def read_split() -> Callable[[Path, str], list[tuple[str, np.ndarray, dict]]]:
     def read(out: Path, split: str) -> list[tuple[str, np.ndarray, dict]]:
         samples = []
         for entry in load_index(out)["splits"][split]["shards"]:
-            for key, parts in iter_tar_samples(out / entry["name"]):
+            for key, parts in tar_samples(out / entry["name"]):
                 samples.append((key, np.load(io.BytesIO(parts["npy"])), json.loads(parts["json"])))
         return samples
 

@@ -13,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from spkdist.shards import SplitWriter, build_index, encode_sample, write_index
+from spkdist.shard_format import SplitWriter, build_index, encode_sample, write_index
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
@@ -61,6 +62,19 @@ def make_tiny_shards(out: Path, sizes: dict[str, int] = TINY_SPLITS, shard_count
         ),
     )
     return out
+
+
+def tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a shard, read with the standard library's tarfile: an
+    independent check of what spkdist writes and reads."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tar.extractfile(member).read()
+    return samples
 
 
 def small_overrides(shards: Path, out: Path, steps: int = 4) -> list[str]:

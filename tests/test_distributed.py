@@ -33,7 +33,7 @@ from helpers import (
 from spkdist import checkpoint
 from spkdist.config import load_config
 from spkdist.infer import run_evaluate, run_predict
-from spkdist.shards import load_index
+from spkdist.shard_format import load_index
 from spkdist.train import run
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spkdist.shards import iter_tar_samples
+from helpers import tar_samples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def test_fsdd_shard_train_evaluate_predict(fsdd_shards, tmp_path):
     expected = sorted(
         (meta["order"], meta["source"])
         for shard in index["splits"]["test"]["shards"]
-        for meta in (json.loads(parts["json"]) for _, parts in iter_tar_samples(fsdd_shards / shard["name"]))
+        for meta in (json.loads(parts["json"]) for _, parts in tar_samples(fsdd_shards / shard["name"]))
     )
     assert [source for source, _ in rows[1:]] == [source for _, source in expected]
     # FSDD file names carry the speaker: the predictions must mostly match it

@@ -20,7 +20,7 @@ from helpers import (
 
 from spkdist import checkpoint
 from spkdist.infer import run_evaluate
-from spkdist.shards import load_index
+from spkdist.shard_format import load_index
 
 pytest.importorskip("deepspeed")
 

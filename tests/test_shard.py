@@ -17,9 +17,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import make_tiny_shards, tar_samples
 
 from spkdist.cli import build_parser, main
-from spkdist.shards import INDEX_NAME, iter_tar_samples, load_index, ustar_header, verify
+from spkdist.errors import SpkdistError
+from spkdist.shard_format import INDEX_NAME, load_index, ustar_header, verify
+from spkdist.stream import eval_loader
 from spkdist.torchfile import load_tensor
 
 
@@ -125,6 +128,24 @@ def test_verify_catches_a_flipped_byte(make_hw4, shard_cli, tmp_path, capsys):
     assert f"{shard}: sha256 does not match index.json" in capsys.readouterr().out
 
 
+def test_verify_reads_shards_as_training_does(tmp_path):
+    # A Fortran-order .npy: np.load accepts it, the training reader does not. Passing verify must mean
+    # that the trainer can read the shard, so verify reports it.
+    out = make_tiny_shards(tmp_path / "shards", {"train": 4, "valid": 1, "test": 1})
+    entry = load_index(out)["splits"]["valid"]["shards"][0]
+    path = out / entry["name"]
+    data = path.read_bytes()
+    fortran = data.replace(b"'fortran_order': False", b"'fortran_order': True ")
+    assert fortran != data and len(fortran) == len(data)
+    path.write_bytes(fortran)
+    problems = verify(out)
+    assert any("unsupported .npy header" in p for p in problems), problems
+    with pytest.raises(SpkdistError, match=r"unsupported \.npy header"):
+        list(
+            eval_loader(str(out), load_index(out), "valid", batch_size=1, num_workers=0, rank=0, world_size=1)
+        )
+
+
 def test_inspect_prints_a_summary(make_hw4, shard_cli, tmp_path, capsys):
     out = tmp_path / "out"
     assert shard_cli(make_hw4(), out) == 0
@@ -216,7 +237,7 @@ def assert_unfinished(out):
     finished = sorted(out.glob("*.tar"))
     assert len(finished) >= 4
     for path in finished:
-        [(_, parts)] = iter_tar_samples(path)
+        [(_, parts)] = tar_samples(path)
         meta, feats = json.loads(parts["json"]), np.load(io.BytesIO(parts["npy"]))
         assert feats.shape == (meta["num_frames"], 40)
 

@@ -12,7 +12,7 @@ import numpy as np
 import soundfile as sf
 
 from spkdist.cli import main
-from spkdist.shards import load_index, verify
+from spkdist.shard_format import load_index, verify
 
 FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from spkdist.badinput import BadItemError
-from spkdist.shards import load_index
+from spkdist.shard_format import load_index
 from spkdist.torchfile import load_tensor
 
 # ------------------------------------------------------------------------------------------ HW4 input

@@ -18,13 +18,12 @@ import pytest
 import torch
 
 from spkdist.errors import SpkdistError
-from spkdist.shards import SplitWriter, build_index, encode_sample, load_index, write_index
+from spkdist.shard_format import Sample, SplitWriter, build_index, encode_sample, load_index, write_index
 from spkdist.stream import (
     TRAIN_BUNDLE_BATCHES,
     BadShardWarning,
     Batch,
     Shard,
-    Utterance,
     collate,
     eval_loader,
     eval_share,
@@ -222,7 +221,7 @@ def test_eval_share_takes_each_sample_once_and_balances_the_readers(n_shards, sl
 
 def test_collate_pads_with_zeros_and_reports_lengths():
     utts = [
-        Utterance(f"u{uid}", features(uid)[:length], label(uid), f"s{uid}", uid)
+        Sample(f"u{uid}", features(uid)[:length], label(uid), f"s{uid}", uid)
         for uid, length in [(3, 4), (8, 9), (1, 2)]
     ]
     batch, other = collate([utts, utts[:1]], N_MELS, bad_shards=1)

@@ -11,10 +11,10 @@ import json
 from functools import partial
 from types import ModuleType
 
-from . import gpu, loader, recipes, shard, step
+from . import gpu, loader, recipes, shard_throughput, step
 
 BENCHMARKS: dict[str, ModuleType] = {
-    "shard": shard,
+    "shard": shard_throughput,
     "loader": loader,
     "step": step,
     "recipes": recipes,

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from ..errors import SpkdistError
-from ..sharding import ShardOptions
-from ..shards import load_index
+from ..shard_format import load_index
+from ..shard_run import ShardOptions
 from ..stream import train_loader
 from .synth import make_hw4_shards
 

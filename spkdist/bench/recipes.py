@@ -22,7 +22,7 @@ from ..config import REPO_CONFIG_DIR
 from ..errors import SpkdistError
 from ..infer import run_evaluate
 from ..models import MODEL_NAMES
-from ..shards import load_index, shard_urls
+from ..shard_format import load_index, shard_urls
 
 TRAIN_SCRIPT = REPO_CONFIG_DIR.parent / "launch" / "train.py"
 

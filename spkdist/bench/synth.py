@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..badinput import BadInput
-from ..sharding import ShardOptions, shard
+from ..shard_run import ShardOptions, shard
 from ..sources import read_hw4
 
 HW4_SPEAKERS, HW4_TRAIN, HW4_TEST, HW4_N_MELS = 600, 56_666, 8_000, 40

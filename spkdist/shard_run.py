@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .badinput import BadInput, BadItemError
 from .errors import SpkdistError
 from .features import LogMel, Precomputed, cast, check_features
-from .shards import (
+from .shard_format import (
     SPLITS,
     ShardEntry,
     SplitWriter,

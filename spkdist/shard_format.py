@@ -12,15 +12,18 @@ A shard directory holds `{split}-%06d.tar` files and `index.json`, written last:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -316,19 +319,165 @@ def shard_urls(location: str | os.PathLike, index: dict[str, Any], split: str) -
     return [f"{base}/{s['name']}" for s in index["splits"][split]["shards"]]
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a local shard, using the plain tarfile reader."""
-    with tarfile.open(path) as tar:
-        current, parts = None, {}
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current and parts:
-                yield current, parts
+# ---------------------------------------------------------------------------------------------------------
+# Reading: the one reader of shards, used by the training streams and by `verify`. Per-sample Python work
+# limits a loader of many short utterances, so it avoids tarfile's member objects, webdataset's generic
+# decoders and per-sample tensors: it parses the 512-byte tar headers itself, reads each member together
+# with the next header in one call, and views the .npy payload with `np.frombuffer` after a cached regex
+# over its header. It accepts exactly what the writer above produces (and pax/GNU long names).
+
+# Read buffer of local shards: members are then copied out of one warm buffer rather than each read being
+# a system call into fresh memory (1 MiB: 6.0 instead of 8.2 us of CPU per sample of the tar parser).
+_LOCAL_BUFFER = 1 << 20
+_END_OF_ARCHIVE = bytes(TAR_BLOCK)
+_NPY_MAGIC = b"\x93NUMPY"
+# The header numpy's writer produces: keys in this order, C order, a 2-D shape.
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|]f[248])', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \}")
+_NPY_DTYPES = {b"<f2": np.dtype("<f2"), b"<f4": np.dtype("<f4"), b"<f8": np.dtype("<f8")}
+_JSON = json.JSONDecoder()  # decode(str) skips json.loads's encoding sniffing: 1.5 instead of 2.5 us
+
+
+class Sample(NamedTuple):
+    """A decoded shard sample; `mels` (frames, n_mels) is read-only, a view of the shard's bytes."""
+
+    key: str
+    mels: np.ndarray
+    speaker_id: int
+    source: str
+    order: int
+
+
+def _read(stream: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes; fewer only at end of stream (a raw stream may return short reads)."""
+    data = stream.read(size)
+    while len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of each regular file in a tar stream, parsed from the 512-byte headers directly.
+
+    Each read fetches a member's padded data together with the header after it, so a member costs one
+    read call. Names longer than the 100-byte field come from pax ('x') or GNU ('L') records. Raises
+    ValueError on a header that is not ustar or a stream that ends inside a member.
+
+    Yields:
+        (member name, memoryview of its data)
+    """
+    header = _read(stream, TAR_BLOCK)
+    long_name = None
+    while header and header != _END_OF_ARCHIVE:  # a missing end-of-archive marker is tolerated
+        if len(header) < TAR_BLOCK or header[257:262] != b"ustar":
+            raise ValueError("truncated or invalid tar header")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        padded = -(-size // TAR_BLOCK) * TAR_BLOCK
+        block = _read(stream, padded + TAR_BLOCK)
+        if len(block) < padded:
+            raise ValueError("truncated tar member")
+        data = memoryview(block)[:size]
+        kind = header[156:157]
+        if kind in (b"0", b"\0"):
+            name = long_name or header[:100].split(b"\0", 1)[0].decode()
+            if header[345]:  # ustar prefix: names up to 256 bytes without a pax record
+                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            yield name, data
+            long_name = None
+        elif kind == b"x":
+            long_name = _pax_path(bytes(data)) or long_name
+        elif kind == b"L":
+            long_name = bytes(data).split(b"\0", 1)[0].decode()
+        header = block[padded:]
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` of a pax extended header ("<len> key=value\\n" records), if it has one."""
+    for record in records.decode().splitlines():
+        key, _, value = record.partition(" ")[2].partition("=")
+        if key == "path":
+            return value
+    return None
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A shard's byte stream: a local path with a large buffer, any other URL through `wds.gopen`."""
+    if is_remote(url):
+        return wds.gopen(url, "rb")
+    return open(url, "rb", buffering=_LOCAL_BUFFER)
+
+
+def read_tar_samples(url: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """(key, {extension: data}) per sample of one shard: consecutive members sharing a key.
+
+    A shard abandoned mid-way (an epoch ending, or damage) is closed quietly: a `pipe:` producer then dies
+    of the closed pipe, and its exit status would only hide the real reason. After a complete read the
+    stream is drained and closed normally, so a failed `pipe:` command is reported.
+    """
+    stream = open_shard(url)
+    try:
+        key, parts = None, {}
+        for name, data in _tar_members(stream):
+            member_key, _, ext = name.partition(".")
+            if member_key != key and parts:
+                yield key, parts
                 parts = {}
-            current = key
-            parts[ext] = tar.extractfile(member).read()
+            key = member_key
+            parts[ext] = data
         if parts:
-            yield current, parts
+            yield key, parts
+        while stream.read(1 << 16):  # the zero padding after the end-of-archive marker
+            pass
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.close()
+        raise
+    stream.close()
+
+
+def decode_sample(key: str, parts: dict[str, memoryview], n_mels: int) -> Sample:
+    """A Sample from its raw `.npy` and `.json` members; ValueError/KeyError if malformed."""
+    npy, meta = parts.get("npy"), parts.get("json")
+    if npy is None or meta is None:
+        raise ValueError(f"sample {key} has members {sorted(parts)}, expected npy and json")
+    mels = _npy_view(npy, key)
+    meta = _JSON.decode(str(meta, "utf-8"))
+    if mels.shape != (meta["num_frames"], n_mels):
+        raise ValueError(f"sample {key} has shape {mels.shape}, expected ({meta['num_frames']}, {n_mels})")
+    return Sample(key, mels, meta["speaker_id"], meta["source"], meta["order"])
+
+
+def _npy_view(npy: memoryview, key: str) -> np.ndarray:
+    """The 2-D array of an .npy payload, as a view of its bytes."""
+    if npy[:6] != _NPY_MAGIC:
+        raise ValueError(f"sample {key}: .npy member is not in numpy format")
+    if npy[6] == 1:  # version 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
+        start = 10 + int.from_bytes(npy[8:10], "little")
+        header = bytes(npy[10:start])
+    else:
+        start = 12 + int.from_bytes(npy[8:12], "little")
+        header = bytes(npy[12:start])
+    parsed = _npy_header(header)
+    if parsed is None:
+        raise ValueError(f"sample {key}: unsupported .npy header {header[:80]!r}")
+    dtype, shape = parsed
+    return np.frombuffer(npy, dtype, shape[0] * shape[1], start).reshape(shape)
+
+
+@functools.lru_cache(maxsize=8192)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, int]] | None:
+    """(dtype, shape) from an .npy header dict, or None if unsupported.
+
+    A regex instead of numpy's literal_eval, and cached: utterances of one length share the exact header
+    (2.0 -> 1.3 us per sample).
+    """
+    match = _NPY_HEADER.match(header)
+    if match is None:
+        return None
+    descr, frames, mels = match.groups()
+    return _NPY_DTYPES[descr], (int(frames), int(mels))
 
 
 def verify(location: str | os.PathLike) -> list[str]:
@@ -361,22 +510,23 @@ def verify(location: str | os.PathLike) -> list[str]:
 
 
 def _check_shard_samples(path: Path, expected: int, n_mels: int) -> list[str]:
+    """Read a shard as training does (`read_tar_samples`, `decode_sample`) and check every sample: a
+    shard that passes here is one the trainer can read."""
     problems, count = [], 0
     try:
-        for key, parts in iter_tar_samples(path):
+        for key, parts in read_tar_samples(str(path)):
             count += 1
-            if set(parts) != {"npy", "json"}:
-                problems.append(f"{path}: sample {key} has members {sorted(parts)}, expected npy and json")
+            try:
+                sample = decode_sample(key, parts, n_mels)
+            except ValueError as e:  # its message names the sample
+                problems.append(f"{path}: {e}")
                 continue
-            feats = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
-            meta = json.loads(parts["json"])
-            if feats.ndim != 2 or feats.shape[1] != n_mels or feats.shape[0] != meta["num_frames"]:
-                problems.append(
-                    f"{path}: sample {key} has shape {feats.shape}, expected ({meta['num_frames']}, {n_mels})"
-                )
-            elif not np.isfinite(feats).all():
+            except (KeyError, TypeError) as e:
+                problems.append(f"{path}: sample {key}: malformed .json metadata ({type(e).__name__}: {e})")
+                continue
+            if not np.isfinite(sample.mels).all():
                 problems.append(f"{path}: sample {key} has non-finite values")
-    except Exception as e:  # any decode failure of a damaged shard is a finding, not a crash
+    except Exception as e:  # any failure to parse a damaged shard is a finding, not a crash
         problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
     if count != expected:
         problems.append(f"{path}: {count} samples, index says {expected}")

@@ -23,8 +23,8 @@ from typing import Any
 
 from ..badinput import BadInput
 from ..errors import SpkdistError
-from ..sharding import ShardOptions, shard
-from ..shards import verify
+from ..shard_format import verify
+from ..shard_run import ShardOptions, shard
 from ..sources import read_hw4
 from .synth import make_hw4_dir
 
