@@ -7,7 +7,9 @@ below. Loading checks types (from the annotations, `Literal` choices included) a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -18,7 +20,12 @@ from typing import Any, Literal
 import yaml
 
 from .errors import SpkdistError
-from .models import ModelConfig
+
+RECIPES = ("sample", "medium", "strong", "boss")
+"""The homework's recipe ladder. Each is the file configs/<name>.yaml, the only place a recipe is defined."""
+
+CONFIG_VERSION = 2
+"""Layout version of the config stored in checkpoints; `migrate_config` reads the older ones."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -64,6 +71,53 @@ class DataConfig:
         _positive(self, "segment_len", "batch_size", "eval_batch_size", "shuffle_buffer")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and how big. The recipes are configs/{sample,medium,strong,boss}.yaml, which
+    spell out every field; these defaults are only the fallback for a field a file leaves out.
+
+    The input width (n_mels) and the number of classes (n_speakers) are deliberately not fields: they are
+    properties of the data and come from the shard index, so a config cannot disagree with its shards.
+    """
+
+    name: str = "sample"
+    """The recipe's name: a label for logs and checkpoints. It selects nothing; the fields below do."""
+    encoder: Literal["transformer", "conformer"] = "transformer"
+    """Frame encoder: post-norm Transformer layers (sample, medium) or torchaudio's Conformer."""
+    d_model: int = 80
+    """Width of every frame vector after the input projection, and of the speaker embedding."""
+    n_heads: int = 2
+    """Attention heads per encoder layer; must divide d_model."""
+    n_layers: int = 1
+    """Number of encoder layers."""
+    ffn_dim: int = 256
+    """Hidden width of each layer's feed-forward block."""
+    dropout: float = 0.1
+    """Dropout probability inside the encoder layers, in [0, 1)."""
+    kernel_size: int = 31
+    """Conformer depthwise-convolution kernel in frames; odd to keep frames aligned. Unused by Transformer."""
+    pooling: Literal["mean", "attention"] = "mean"
+    """Frames -> one vector: masked mean, or self-attentive pooling; both ignore padded frames."""
+    head: Literal["linear", "am_softmax"] = "linear"
+    """Classifier: Linear-ReLU-Linear, or the additive-margin cosine head (AM-softmax)."""
+    margin: float = 0.2
+    """AM-softmax margin m, subtracted from the target cosine in training only; in [0, 1)."""
+    scale: float = 30.0
+    """AM-softmax scale s multiplying every cosine; > 0. Unused by the linear head, like margin."""
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_heads", "n_layers", "ffn_dim", "kernel_size", "scale")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"model.kernel_size must be odd, got {self.kernel_size}")
+        for name in ("dropout", "margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"model.scale must be finite, got {self.scale}")
 
 
 @dataclass
@@ -281,6 +335,19 @@ def _coerce(value: Any, hint: Any) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise TypeError(f"expected {hint.__name__}, got {value!r}")
     return value
+
+
+def migrate_config(raw: dict[str, Any], version: int) -> dict[str, Any]:
+    """A config stored by an earlier spkdist (layout `version`) as this one reads it.
+
+    1 -> 2: `model.encoder` became a field; before it, the recipe name picked the encoder.
+    """
+    raw = copy.deepcopy(raw)
+    if version < 2:
+        model = raw.setdefault("model", {})
+        conformer = model.get("name") in ("strong", "boss")
+        model.setdefault("encoder", "conformer" if conformer else "transformer")
+    return raw
 
 
 def dump_config(config: Config) -> str:

@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from .checkpoint import load_model_file
-from .config import config_from_dict
+from .config import config_from_dict, migrate_config
 from .distributed import leave_process_group, make_accelerator
 from .errors import SpkdistError
 from .evaluation import evaluate, predict
@@ -37,7 +37,8 @@ INFERENCE_COLLECTIVE_TIMEOUT = 600
 def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a checkpoint (or a run directory's best checkpoint) in eval mode, and its payload."""
     payload = load_model_file(path)
-    cfg = config_from_dict(payload["config"], where=f"{path} (stored config)")
+    stored = migrate_config(payload["config"], payload.get("config_version", 1))
+    cfg = config_from_dict(stored, where=f"{path} (stored config)")
     model = build_model(cfg.model, n_mels=payload["n_mels"], n_speakers=len(payload["speaker2id"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), payload

@@ -39,7 +39,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
-from .config import Config, dump_config, load_config
+from .config import CONFIG_VERSION, Config, dump_config, load_config
 from .distributed import (
     StopRequest,
     StopVote,
@@ -197,6 +197,7 @@ def setup(cfg: Config) -> Job:
     )
     payload = {
         "config": cfg.to_dict(),
+        "config_version": CONFIG_VERSION,
         "n_mels": n_mels,
         "speaker2id": speaker2id,
         "spkdist_version": __version__,

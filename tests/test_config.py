@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spkdist.config import REPO_CONFIG_DIR, config_from_dict, dump_config, load_config
+from spkdist.config import RECIPES, REPO_CONFIG_DIR, config_from_dict, dump_config, load_config
 from spkdist.errors import SpkdistError
-
-RECIPES = ["sample", "medium", "strong", "boss"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -67,7 +65,7 @@ def test_round_trip_through_dump():
         ("train.mixed_precision=fp8", "expected one of no, fp16, bf16"),
         ("data.on_bad_shard=ignore", "expected one of warn, raise"),
         ("optim.betas=[0.9]", "expected a list of 2 numbers"),
-        ("model.name=giant", "giant"),
+        ("model.encoder=giant", "giant"),
         ("model.d_model=102", "n_heads"),
         ("max_steps=3", "expected section.key=value"),
     ],

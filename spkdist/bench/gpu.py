@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import train
-from ..config import load_config
+from ..config import RECIPES, load_config
 from ..errors import SpkdistError
-from ..models import MODEL_NAMES, build_model
+from ..models import build_model
 from .step import N_MELS, N_SPEAKERS, make_batches, time_steps
 from .synth import make_hw4_shards
 
@@ -40,7 +40,7 @@ SETTINGS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16+compile": ("bf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="boss", choices=MODEL_NAMES, help="recipe (configs/NAME.yaml)")
+    parser.add_argument("--model", default="boss", choices=RECIPES, help="recipe (configs/NAME.yaml)")
     parser.add_argument(
         "--configs", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to time"
     )

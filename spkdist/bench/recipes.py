@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import REPO_CONFIG_DIR
+from ..config import RECIPES, REPO_CONFIG_DIR
 from ..errors import SpkdistError
 from ..infer import run_evaluate
-from ..models import MODEL_NAMES
 from ..shard_format import load_index, shard_urls
 
 TRAIN_SCRIPT = REPO_CONFIG_DIR.parent / "launch" / "train.py"
@@ -31,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipes",
         nargs="+",
-        default=list(MODEL_NAMES),
-        choices=MODEL_NAMES,
+        default=list(RECIPES),
+        choices=RECIPES,
         help="recipes to train (configs/<name>.yaml)",
     )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per recipe")

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from ..config import load_config
-from ..models import MODEL_NAMES, build_model
+from ..config import RECIPES, load_config
+from ..models import build_model
 from ..schedules import WarmupCosine
 from ..stream import Batch
 from ..train import Job, Meter, StepHealth, TrainState, make_optimizer, train_step
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=list(MODEL_NAMES),
-        choices=MODEL_NAMES,
+        default=list(RECIPES),
+        choices=RECIPES,
         help="recipes to time (configs/<name>.yaml)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
