@@ -20,8 +20,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from . import __version__, bench, infer
-from .badinput import BadInput
-from .errors import SpkdistError
+from .argtypes import fraction, positive_float, positive_int
+from .errors import BadInput, SpkdistError, exit_code
 from .features import DTYPES, LogMel
 from .shard_format import load_index, verify
 from .shard_run import ShardOptions, shard
@@ -32,27 +32,24 @@ DEMO_SHARD_SAMPLES = (
     200  # FSDD is small: several shards per split, so multi-worker/multi-rank loaders have work
 )
 LOG_MEL_OPTIONS = {  # option -> LogMel field, for audio inputs only
-    "--sample-rate": ("sample_rate", int, "resample all audio to this rate, Hz"),
-    "--win-ms": ("win_ms", float, "analysis window length, ms"),
-    "--hop-ms": ("hop_ms", float, "hop between frames, ms"),
-    "--n-mels": ("n_mels", int, "mel bins"),
-    "--n-fft": ("n_fft", int, "FFT size (default: the next power of two >= the window)"),
-    "--f-min": ("f_min", float, "lowest mel filter frequency, Hz"),
-    "--f-max": ("f_max", float, "highest mel filter frequency, Hz (default: half the sample rate)"),
-    "--log-floor": ("log_floor", float, "energies are clamped to this before the log"),
+    "--sample-rate": ("sample_rate", "positive_int", "resample all audio to this rate, Hz"),
+    "--win-ms": ("win_ms", "positive_float", "analysis window length, ms"),
+    "--hop-ms": ("hop_ms", "positive_float", "hop between frames, ms"),
+    "--n-mels": ("n_mels", "positive_int", "mel bins"),
+    "--n-fft": ("n_fft", "positive_int", "FFT size (default: the next power of two >= the window)"),
+    "--f-min": ("f_min", "float", "lowest mel filter frequency, Hz"),
+    "--f-max": (
+        "f_max",
+        "positive_float",
+        "highest mel filter frequency, Hz (default: half the sample rate)",
+    ),
+    "--log-floor": ("log_floor", "positive_float", "energies are clamped to this before the log"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except SpkdistError as e:
-        print(f"spkdist: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("spkdist: interrupted", file=sys.stderr)
-        return 130
+    return exit_code(lambda: args.run(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,17 +109,19 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
         help="read audio utterances from this manifest; its relative paths are resolved against SOURCE "
         "(default: the manifest's directory)",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="worker processes")
+    p.add_argument(
+        "--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes"
+    )
     p.add_argument(
         "--valid-fraction",
-        type=float,
+        type=fraction,
         default=ShardOptions.valid_fraction,
         metavar="F",
         help="share of each speaker's train utterances held out as valid (unless the input has valid)",
     )
     p.add_argument(
         "--test-fraction",
-        type=float,
+        type=fraction,
         default=ShardOptions.test_fraction,
         metavar="F",
         help="share of each speaker's train utterances held out as a labeled test split, before valid is "
@@ -141,23 +140,24 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--shard-samples",
-        type=int,
+        type=positive_int,
         metavar="N",
         help=f"at most N samples per shard (default: {ShardOptions.max_shard_samples}, "
         f"{DEMO_SHARD_SAMPLES} with --demo)",
     )
     p.add_argument(
         "--shard-mb",
-        type=float,
+        type=positive_float,
         default=ShardOptions.max_shard_mb,
         metavar="MB",
         help="at most MB megabytes per shard",
     )
     features = p.add_argument_group("log-mel features (audio inputs only)")
+    types = {"positive_int": positive_int, "positive_float": positive_float, "float": float}
     for option, (field, kind, text) in LOG_MEL_OPTIONS.items():
         default = LogMel.__dataclass_fields__[field].default
         features.add_argument(
-            option, type=kind, help=text if default is None else f"{text} (default: {default})"
+            option, type=types[kind], help=text if default is None else f"{text} (default: {default})"
         )
     p.set_defaults(run=run_shard)
 
@@ -181,13 +181,15 @@ def run_shard(args: argparse.Namespace) -> None:
                 f"{args.source}: log-mel options are for audio inputs; this is an HW4 directory"
             )
         default_samples = DEMO_SHARD_SAMPLES if args.demo else ShardOptions.max_shard_samples
+        if args.valid_fraction + args.test_fraction >= 1:
+            raise SpkdistError("--valid-fraction and --test-fraction must leave room for a train split")
         options = ShardOptions(
             workers=args.workers,
             valid_fraction=args.valid_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed,
             dtype=args.dtype,
-            max_shard_samples=args.shard_samples or default_samples,
+            max_shard_samples=default_samples if args.shard_samples is None else args.shard_samples,
             max_shard_mb=args.shard_mb,
         )
         print(shard(corpus, corpus.precomputed or log_mel, out, options, bad))

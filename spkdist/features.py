@@ -18,8 +18,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from .badinput import BadItemError
-from .errors import SpkdistError
+from .errors import BadItemError, SpkdistError
 from .torchfile import load_tensor
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -43,8 +42,10 @@ class LogMel:
             if getattr(self, name) <= 0:
                 raise SpkdistError(f"log-mel setting {name} must be positive, got {getattr(self, name)}")
         # Resolve the defaults so that `params` records the values actually used (frozen: bypass setattr).
-        object.__setattr__(self, "n_fft", self.n_fft or 1 << (self.win_length - 1).bit_length())
-        object.__setattr__(self, "f_max", self.f_max or self.sample_rate / 2)
+        if self.n_fft is None:
+            object.__setattr__(self, "n_fft", 1 << (self.win_length - 1).bit_length())
+        if self.f_max is None:
+            object.__setattr__(self, "f_max", self.sample_rate / 2)
         if self.n_fft < self.win_length:
             raise SpkdistError(
                 f"log-mel n_fft {self.n_fft} is shorter than the {self.win_length}-sample window"

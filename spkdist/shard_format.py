@@ -247,7 +247,7 @@ def build_index(
         speaker2id: speaker name -> class id (0..n-1), exactly as the source defines it.
         features: feature parameters (n_mels, dtype, and for audio the STFT/mel settings).
         source: what was read: format, path, fingerprint.
-        skipped: items left out with --skip-bad, each {"path", "reason"}.
+        skipped: bad items left out (when the run skips them), each {"path", "reason"}.
         settings: the sharding settings (seed, valid_fraction, shard caps).
     """
     return {

@@ -32,8 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from .badinput import BadInput, BadItemError
-from .errors import SpkdistError
+from .errors import BadInput, BadItemError, SpkdistError
 from .features import LogMel, Precomputed, cast, check_features
 from .shard_format import (
     SPLITS,
@@ -85,17 +84,17 @@ class ShardOptions:
         }
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise SpkdistError(f"--workers must be at least 1, got {self.workers}")
-        if not 0 <= self.valid_fraction < 1:
-            raise SpkdistError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        if not 0 <= self.test_fraction < 1 or self.valid_fraction + self.test_fraction >= 1:
-            raise SpkdistError(
-                f"--test-fraction must be in [0, 1) and leave room for train next to --valid-fraction, "
-                f"got {self.test_fraction}"
+        # The command line checks its flags; these guard the library's own callers (programming errors).
+        if self.workers < 1 or self.max_shard_samples < 1 or self.max_shard_mb <= 0:
+            raise ValueError(f"workers and shard caps must be positive: {self}")
+        if not (
+            self.valid_fraction >= 0
+            and self.test_fraction >= 0
+            and self.valid_fraction + self.test_fraction < 1
+        ):
+            raise ValueError(
+                f"valid_fraction and test_fraction must be >= 0 and leave room for train: {self}"
             )
-        if self.max_shard_samples < 1 or self.max_shard_mb <= 0:
-            raise SpkdistError("shard caps (--shard-samples, --shard-mb) must be positive")
 
 
 @dataclass
@@ -124,7 +123,7 @@ class Summary:
             f" -> {self.out}"
         )
         if self.skipped:
-            lines.append(f"skipped {_count(self.skipped, 'bad item')} (--skip-bad), listed in index.json")
+            lines.append(f"skipped {_count(self.skipped, 'bad item')}, listed in index.json")
         return "\n".join(lines)
 
 

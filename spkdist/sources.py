@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .badinput import BadInput, BadItemError
 from .demo import FSDD_ARCHIVE
-from .errors import SpkdistError
+from .errors import BadInput, BadItemError, SpkdistError
 from .features import Precomputed
 from .fsutil import sha256_file
 from .shard_format import SPLITS

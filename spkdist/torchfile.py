@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .badinput import BadItemError
+from .errors import BadItemError
 
 # The storage classes torch.save names in data.pkl, for the float dtypes log-mel features come in.
 STORAGE_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64}

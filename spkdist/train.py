@@ -52,7 +52,7 @@ from .distributed import (
     make_accelerator,
     sync_buffers,
 )
-from .errors import SpkdistError
+from .errors import SpkdistError, exit_code
 from .evaluation import evaluate
 from .fsutil import atomic_write_bytes
 from .models import build_model
@@ -487,12 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override any config field, e.g. train.max_steps=300 model.d_model=128",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def train() -> None:
         run(load_config(args.config, args.overrides))
-    except SpkdistError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(train)
 
 
 if __name__ == "__main__":

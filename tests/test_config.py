@@ -96,7 +96,7 @@ def test_train_script_reports_config_errors_without_traceback():
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"train: error: {REPO_CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
+        == f"spkdist: error: {REPO_CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
     )
 
 

@@ -110,7 +110,7 @@ def test_cpu_flag_launch_that_starts_one_process_is_refused(tiny_shards, tmp_pat
     command = [*LAUNCH, "--cpu", "--num_processes", "2", str(TRAIN), "--config", "sample.yaml"]
     returncode, output = run_launcher([*command, *small_overrides(tiny_shards, tmp_path / "run")])
     assert returncode != 0
-    assert "train: error: `accelerate launch --cpu --num_processes N` starts one process, not N" in output
+    assert "spkdist: error: `accelerate launch --cpu --num_processes N` starts one process, not N" in output
 
 
 def test_ranks_with_different_overrides_refuse_to_start(tiny_shards, tmp_path):
@@ -121,7 +121,9 @@ def test_ranks_with_different_overrides_refuse_to_start(tiny_shards, tmp_path):
         SPKDIST_PROBE_CLI="1",
     )
     assert returncode != 0
-    message = "train: error: rank 1 runs a different job than rank 0: train.max_steps is 5 there, 4 on rank 0"
+    message = (
+        "spkdist: error: rank 1 runs a different job than rank 0: train.max_steps is 5 there, 4 on rank 0"
+    )
     assert message in output
 
 
@@ -140,7 +142,7 @@ def test_ranks_with_different_local_shards_refuse_to_start(tmp_path):
     proc = start_group(command, cwd=node0, SPKDIST_PROBE_RANK1_CWD=str(node1), SPKDIST_PROBE_CLI="1")
     output = finish_groups([proc], timeout=300)[0]
     assert proc.returncode != 0
-    assert "train: error: rank 1 reads a different index.json than rank 0 under data.shards" in output
+    assert "spkdist: error: rank 1 reads a different index.json than rank 0 under data.shards" in output
 
 
 def test_evaluate_and_predict_share_the_split_under_a_two_process_launch(tiny_shards, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from spkdist.badinput import BadItemError
+from spkdist.errors import BadItemError
 from spkdist.shard_format import load_index
 from spkdist.torchfile import load_tensor
 
@@ -127,7 +127,7 @@ def test_bad_hw4_item_stops_the_run_or_is_skipped(
         and message in f"{index['skipped'][0]['path']}: {index['skipped'][0]['reason']}"
     )
     assert sum(split["num_samples"] for split in index["splits"].values()) == 40 + 8 - 1
-    assert "skipped 1 bad item (--skip-bad)" in capsys.readouterr().out
+    assert "skipped 1 bad item, listed in index.json" in capsys.readouterr().out
 
 
 HW4_FATAL_CASES = [

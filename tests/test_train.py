@@ -111,7 +111,7 @@ def test_missing_shards_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert (
         result.stderr.strip().splitlines()[-1]
-        == f"train: error: {tmp_path}/nope: shard directory does not exist"
+        == f"spkdist: error: {tmp_path}/nope: shard directory does not exist"
     )
 
 

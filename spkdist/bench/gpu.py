@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -27,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import train
 from ..config import RECIPES, load_config
-from ..errors import SpkdistError
-from ..models import build_model
-from .step import N_MELS, N_SPEAKERS, make_batches, time_steps
+from ..errors import SpkdistError, child_error
+from .step import bare_loop, make_batches, time_steps
 from .synth import make_hw4_shards
 
 SETTINGS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
@@ -89,7 +86,7 @@ def _measure_in_child(setting: str, shards: Path, args: argparse.Namespace) -> d
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode != 0:
-        raise SpkdistError(f"bench gpu {setting} failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise SpkdistError(f"bench gpu {setting} failed: {child_error(child.stderr)}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     print(
         f"{setting}: ours {result['ours_steps_per_s']:.2f} steps/s ({result['ours_utts_per_s']:.0f} utts/s), "
@@ -127,7 +124,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # data wait over the timed steps only: the meter's window restarted when timing began
         wait_fraction = _timed_data_wait(meter, job, health, args, device)
 
-        bare_step = _bare_loop(job.cfg, precision, compiled, device, args)
+        batches = make_batches(8, args.batch_size, args.segment_len, device)
+        bare_step = bare_loop(job.cfg, batches, device, precision, compiled)
         _reset_peak(device)
         bare = time_steps(bare_step, args.steps, args.warmup, device)
         bare_peak = _peak_gib(device)
@@ -153,32 +151,6 @@ def _timed_data_wait(meter, job, health, args, device) -> float:
     meter.flush(job.accelerator)  # starts a fresh window
     time_steps(lambda: train.train_step(job, meter, health), args.steps, 0, device)
     return meter.data_wait / (time.perf_counter() - meter.start)
-
-
-def _bare_loop(cfg, precision: str, compiled: bool, device, args):
-    """The homework-style step on in-memory batches; the synthetic set is HW4-shaped, as these batches."""
-    model = build_model(cfg.model, N_MELS, N_SPEAKERS).to(device).train()
-    if compiled:
-        model.compile(mode=cfg.train.compile_mode)
-    optimizer = train.make_optimizer(model, cfg)
-    batches = make_batches(8, args.batch_size, args.segment_len, device)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    max_norm = cfg.train.clip_grad_norm or math.inf
-    position = 0
-
-    def step() -> None:
-        nonlocal position
-        batch = batches[position % len(batches)]
-        position += 1
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(batch.mels, batch.lengths, batch.labels)
-        loss = F.cross_entropy(logits.float(), batch.labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def _reset_peak(device: torch.device) -> None:

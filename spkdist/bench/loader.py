@@ -32,6 +32,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from ..argtypes import nonnegative_int, positive_int
 from ..config import DataConfig
 from ..errors import SpkdistError
 from ..shard_format import load_index
@@ -40,6 +41,7 @@ from ..stream import train_loader
 from .synth import make_hw4_shards
 
 HW4_PADDING = -20.0  # what the homework's collate pads with
+MAX_BATCHES = 500  # timed batches per run, unless one epoch of a small set holds fewer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of each loader")
     parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
     parser.add_argument("--segment-len", type=int, default=128, help="frames per random crop")
-    parser.add_argument("--batches", type=int, default=500, help="timed batches per run")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed batches before timing")
+    parser.add_argument(
+        "--batches",
+        type=positive_int,
+        help=f"timed batches per run (default: {MAX_BATCHES}, or as many as one epoch of the set allows)",
+    )
+    parser.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed batches before timing")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loader per cache state")
     parser.add_argument("--cold", action="store_true", help="also time with a dropped page cache (root)")
     parser.add_argument(
@@ -61,16 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.scale <= 0 or min(args.workers, args.batch_size, args.batches, args.repeats) < 1:
-        raise SpkdistError("--scale, --workers, --batch-size, --batches and --repeats must be positive")
+    if args.scale <= 0 or min(args.workers, args.batch_size, args.repeats) < 1:
+        raise SpkdistError("--scale, --workers, --batch-size and --repeats must be positive")
     with tempfile.TemporaryDirectory(prefix="spkdist-bench-", dir=args.dir) as tmp:
         hw4, shards = make_hw4_shards(
             Path(tmp), scale=args.scale, seed=args.seed, workers=args.workers, shard_mb=args.shard_mb
         )
         baseline = PerFileDataset(hw4, args.segment_len)
-        if (args.warmup + args.batches) * args.batch_size > len(baseline):
+        available = len(baseline) // args.batch_size - args.warmup  # timed batches one epoch holds
+        if args.batches is None:  # size the run to the data generated
+            args.batches = min(MAX_BATCHES, available)
+        if not 0 < args.batches <= available:
             raise SpkdistError(
-                f"{len(baseline)} training utterances are too few for {args.warmup + args.batches} "
+                f"{len(baseline)} training utterances are too few for {args.warmup + max(1, args.batches)} "
                 f"batches of {args.batch_size} in one epoch; raise --scale or lower --batches"
             )
         index = load_index(shards)

@@ -4,8 +4,8 @@ By default shards the FSDD demo (real speech, 6 speakers; FSDD's own split: take
 `--shards DIR` uses a labeled shard set built by `spkdist shard` instead (for example the hard synthetic
 speakers, on which the recipes differ far more than on FSDD). Trains each recipe's full architecture from
 configs/<name>.yaml for --steps steps (warmup 10% of them, everything else as in the file) with
-`launch/train.py` in a subprocess on this machine, and evaluates the best checkpoint (chosen on valid) on
-the test split. Prints one JSON line per recipe: recipe, test_accuracy, train_seconds, steps.
+`python -m spkdist.train` in a subprocess on this machine, and evaluates the best checkpoint (chosen on
+valid) on the test split. Prints one JSON line per recipe: recipe, test_accuracy, train_seconds, steps.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import RECIPES, REPO_CONFIG_DIR
-from ..errors import SpkdistError
+from ..argtypes import nonnegative_int, positive_int
+from ..config import RECIPES
+from ..errors import SpkdistError, child_error
 from ..infer import run_evaluate
 from ..shard_format import load_index, shard_urls
-
-TRAIN_SCRIPT = REPO_CONFIG_DIR.parent / "launch" / "train.py"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         help="recipes to train (configs/<name>.yaml)",
     )
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per recipe")
-    parser.add_argument("--workers", type=int, default=2, help="data loader workers")
+    parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps per recipe")
+    parser.add_argument("--workers", type=nonnegative_int, default=2, help="data loader workers")
     parser.add_argument(
         "--shards",
         default=None,
@@ -48,9 +47,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if args.shards is None:
             shards = Path(tmp) / "fsdd"
-            subprocess.run(
-                ["spkdist", "shard", "--demo", "--out", str(shards)], check=True, stdout=subprocess.DEVNULL
-            )
+            command = [sys.executable, "-m", "spkdist.cli", "shard", "--demo", "--out", str(shards)]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         else:
             shards = Path(args.shards)
             index = load_index(shards)
@@ -72,20 +70,20 @@ def train_and_test(name: str, shards: Path, run_dir: Path, args: argparse.Namesp
         f"train.output_dir={run_dir}",
         f"train.max_steps={args.steps}",
         f"optim.warmup_steps={args.steps // 10}",
-        f"train.eval_every={args.steps // 3}",
+        f"train.eval_every={max(1, args.steps // 3)}",
         f"train.save_every={args.steps}",
         f"data.num_workers={args.workers}",
         "log.tracker=none",
     ]
     start = time.perf_counter()
     trained = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), "--config", f"{name}.yaml", *overrides],
+        [sys.executable, "-m", "spkdist.train", "--config", f"{name}.yaml", *overrides],
         capture_output=True,
         text=True,
     )
     seconds = time.perf_counter() - start
     if trained.returncode != 0:
-        raise SpkdistError(f"training {name} failed: {trained.stderr.strip().splitlines()[-1]}")
+        raise SpkdistError(f"training {name} failed: {child_error(trained.stderr)}")
     metrics = run_evaluate(str(run_dir), str(shards), "test", batch_size=64, num_workers=args.workers)
     result = {
         "recipe": name,

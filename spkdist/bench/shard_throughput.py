@@ -21,8 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..badinput import BadInput
-from ..errors import SpkdistError
+from ..errors import BadInput, SpkdistError
 from ..shard_format import verify
 from ..shard_run import ShardOptions, shard
 from ..sources import read_hw4

@@ -82,9 +82,11 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str):
-    """The homework-style loop: nothing between the model and the optimizer."""
+def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str, compiled: bool = False):
+    """The homework-style loop: nothing between the model and the optimizer (`compiled`: torch.compile)."""
     model = build_model(cfg.model, N_MELS, N_SPEAKERS).to(device).train()
+    if compiled:
+        model.compile(mode=cfg.train.compile_mode)
     optimizer = make_optimizer(model, cfg)
     warmup = max(1, cfg.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..badinput import BadInput
+from ..errors import BadInput
 from ..shard_run import ShardOptions, shard
 from ..sources import read_hw4
 

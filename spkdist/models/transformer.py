@@ -18,9 +18,10 @@ class TransformerEncoder(nn.Module):
         """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
         x = self.prenet(mels)  # (B, T, D)
         # Every other operation is per-frame, so the key mask alone keeps padding out of valid frames.
-        if not self.training and torch.is_autocast_enabled(x.device.type):
+        if not self.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # That fast path checks only for CUDA autocast (pytorch#132613): under CPU autocast it
-            # feeds bf16 activations to fp32 weights and fails. Evaluate the layers in fp32 instead.
+            # feeds bf16 activations to fp32 weights and fails. Evaluate the layers in fp32 there;
+            # CUDA autocast is handled by the fast path itself.
             with torch.autocast(x.device.type, enabled=False):
                 return self.layers(x.float(), src_key_padding_mask=pad_mask)  # (B, T, D)
         return self.layers(x, src_key_padding_mask=pad_mask)  # (B, T, D)
