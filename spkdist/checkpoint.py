@@ -110,6 +110,18 @@ def find_resume_dir(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def check_resumable(path: Path, registered: int) -> None:
+    """Refuse, in one line, a checkpoint whose training state does not match what this version saves:
+    `registered` objects (loop counters, schedule). Checkpoints of spkdist before the device-side
+    schedule (2026-12-01) hold one; their model.pt still serves evaluate and predict."""
+    held = len(list(path.glob("custom_checkpoint_*.pkl")))
+    if held != registered:
+        raise SpkdistError(
+            f"{path}: written by an earlier spkdist ({held} training-state objects, this version has "
+            f"{registered}); it cannot be resumed, but evaluate and predict still read it"
+        )
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory from what users pass: a checkpoint itself, or a run directory (its best,
     else its last checkpoint)."""

@@ -25,6 +25,9 @@ from accelerate.utils import DistributedType, gather_object
 
 from .errors import SpkdistError
 
+# Seconds a rank waits in a collective for the others where no config sets it (evaluate, predict, bench).
+DEFAULT_COLLECTIVE_TIMEOUT = 600
+
 
 def deepspeed_launch() -> bool:
     """True under a DeepSpeed `accelerate launch`; then check what Accelerate's DeepSpeed path needs.
@@ -91,7 +94,8 @@ def check_world_size(accelerator: Accelerator) -> None:
     if launched is None and simple_launch and "MASTER_ADDR" in os.environ:
         raise SpkdistError(
             "`accelerate launch --cpu --num_processes N` starts one process, not N: for N CPU processes "
-            "use `accelerate launch --multi_gpu --num_processes N` (gloo DDP)"
+            "use `accelerate launch --multi_gpu --num_processes N` (gloo DDP); for one, unset MASTER_ADDR "
+            "if your environment exports it"
         )
 
 

@@ -22,16 +22,13 @@ from accelerate.utils import gather_object
 
 from .checkpoint import load_model_file
 from .config import config_from_dict, migrate_config
-from .distributed import leave_process_group, make_accelerator
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT, leave_process_group, make_accelerator
 from .errors import SpkdistError
 from .evaluation import evaluate, predict
 from .fsutil import atomic_write_bytes
 from .models import build_model
 from .shard_format import load_index
 from .stream import eval_loader
-
-# Seconds a rank waits for the others in a collective (an inference launch has no config to set it in).
-INFERENCE_COLLECTIVE_TIMEOUT = 600
 
 
 def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -52,7 +49,7 @@ def _prepare(checkpoint: str, shards: str, split: str, batch_size: int, num_work
         raise SpkdistError(
             f"{shards}: features have {index['n_mels']} mel bins, the model expects {payload['n_mels']}"
         )
-    accelerator = make_accelerator(INFERENCE_COLLECTIVE_TIMEOUT)
+    accelerator = make_accelerator(DEFAULT_COLLECTIVE_TIMEOUT)
     loader = eval_loader(
         shards,
         index,
@@ -68,8 +65,10 @@ def _prepare(checkpoint: str, shards: str, split: str, batch_size: int, num_work
 
 def run_evaluate(checkpoint: str, shards: str, split: str, batch_size: int, num_workers: int) -> dict:
     """Loss, accuracy and sample count of `checkpoint` on a labeled split (summed over all ranks)."""
-    accelerator, model, index, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
     try:
+        accelerator, model, index, payload, loader = _prepare(
+            checkpoint, shards, split, batch_size, num_workers
+        )
         if index["speaker2id"] != payload["speaker2id"]:
             raise SpkdistError(f"{shards}: speaker ids differ from the ones the checkpoint was trained on")
         return evaluate(accelerator, model, loader)
@@ -82,8 +81,8 @@ def run_predict(checkpoint: str, shards: str, split: str, out: str, batch_size: 
 
     Under `accelerate launch` every rank predicts its share and rank 0 writes all rows.
     """
-    accelerator, model, _, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
     try:
+        accelerator, model, _, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
         id2speaker = {i: name for name, i in payload["speaker2id"].items()}
         rows = predict(model, loader, accelerator.device)
         if accelerator.num_processes > 1:

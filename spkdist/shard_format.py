@@ -1,7 +1,8 @@
-"""The shard format: writing capped, atomically renamed webdataset tar shards, the index, and verification.
+"""The shard format: writing capped, atomically renamed webdataset tar shards, the index, the one reader of
+shards (training streams and `verify` both use it), and verification.
 
 A shard directory holds `{split}-%06d.tar` files and `index.json`, written last: a directory without
-`index.json` is unfinished, whatever tar files it holds. Each sample in a shard is three tar members:
+`index.json` is unfinished, whatever tar files it holds. Each sample in a shard is two tar members:
 
     <key>.npy    features, shape (frames, n_mels), float16 (or float32), in numpy's .npy format
     <key>.json   {"speaker": name or null, "speaker_id": int (-1 if unlabeled), "source": path,

@@ -7,8 +7,9 @@ The data loaders are deliberately not passed through `accelerator.prepare`: the 
 the data by rank and worker (and give every rank the same number of training batches), whereas a prepared
 IterableDataset would be re-dispatched from rank 0.
 
-The hot-loop rule: a training step never reads a value back from the device and never waits on another
-rank beyond the gradient all-reduce, so the host can queue step k+1 while the GPU still runs step k.
+The hot-loop rule: a training step never reads a value back from the device, so the host can queue step
+k+1 while the GPU still runs step k. Beyond the gradient all-reduce, a step waits on the other ranks only
+for the stop vote cast one step earlier on a CPU gloo group (done by then: a wait of microseconds).
 Everything a step decides stays a tensor: the gradient norm, whether it is finite, the skipped-step count,
 the loss and accuracy sums. A non-finite step is skipped on the device: the fused AdamW kernel gets the
 step's verdict as `found_inf` (GradScaler's mechanism) and leaves weights, moments and step counts as
@@ -147,10 +148,10 @@ def setup(cfg: Config) -> Job:
     if cfg.train.compile:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise SpkdistError("train.compile is not supported under DeepSpeed launches; use DDP")
-        # In place: the module (and so its state_dict keys and checkpoints) stays the same object.
-        # dynamic=None: after the first change of shape, torch.compile makes that dimension dynamic,
-        # so evaluation batches of ever other lengths do not recompile each time.
-        model.compile(mode=cfg.train.compile_mode, dynamic=None)
+        # In place: the module (and so its state_dict keys and checkpoints) stays the same object. With
+        # the default dynamic=None, torch.compile makes a dimension dynamic at its first change of size,
+        # so evaluation batches of ever-changing lengths do not each recompile.
+        model.compile(mode=cfg.train.compile_mode)
     optimizer = make_optimizer(model, cfg)
     fill_deepspeed_config(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -161,6 +162,7 @@ def setup(cfg: Config) -> Job:
     accelerator.register_for_checkpointing(state, schedule)
     resume_dir = checkpoint.find_resume_dir(out, cfg.train.resume) if cfg.train.resume else None
     if resume_dir is not None:
+        checkpoint.check_resumable(resume_dir, registered=2)
         accelerator.load_state(str(resume_dir))
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
 
@@ -214,9 +216,10 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
     metrics: dict[str, float] = {}
     metrics_step = -1  # the step `metrics` were measured at, stored beside them in checkpoints
     if any_rank(accelerator, stop.requested):  # a signal during start-up: nothing new to save
-        accelerator.print(f"{stop.signal_name} during start-up: stopped at step {state.step}, nothing saved")
+        stopped_by = stop.signal_name or "a signal on another rank"
+        accelerator.print(f"{stopped_by} during start-up: stopped at step {state.step}, nothing saved")
         accelerator.end_training()
-        return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stop.signal_name)
+        return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
     vote = StopVote(accelerator, cfg.train.collective_timeout)
     stopping = False
     job.model.train()
@@ -252,9 +255,11 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
             stopping = vote.poll(stop.requested)
             at_end = state.step == cfg.train.max_steps
             improved = False
-            evaluating = state.step % cfg.train.eval_every == 0 or at_end
+            # a stopping job saves at once: a pre-emption's grace period may not cover an evaluation
+            evaluating = (state.step % cfg.train.eval_every == 0 or at_end) and not stopping
             saving = state.step % cfg.train.save_every == 0 or at_end or stopping
-            if evaluating or saving:
+            if evaluating or saving:  # these steps read from the device anyway: check the streak too
+                state.skipped_steps = health.check(cfg.train.max_nonfinite, state.step)
                 sync_buffers(accelerator, job.model)
             if evaluating:
                 metrics, metrics_step = validate(job), state.step
@@ -267,7 +272,6 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 if improved:
                     state.best_accuracy, state.best_step = metrics["accuracy"], state.step
             if saving or improved:
-                state.skipped_steps = health.skipped_steps()
                 path = checkpoint.save(
                     accelerator,
                     job.model,
@@ -340,11 +344,13 @@ def train_step(job: Job, meter: Meter, health: StepHealth) -> None:
 def skip_if_nonfinite(accelerator: Accelerator, optimizer, finite: torch.Tensor) -> None:
     """Arm the fused AdamW kernel to leave everything untouched this step unless `finite` is true.
 
-    fp16: GradScaler hands the kernel its own overflow flag (the same verdict). DeepSpeed: the engine
-    stepped inside backward already.
+    fp16 with a GradScaler (CUDA): the scaler hands the kernel its own overflow flag (the same verdict).
+    DeepSpeed: the engine stepped inside backward already.
     """
-    if accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return
+    # Fused optimizers read `found_inf` (and `grad_scale`) as attributes at step time: the mechanism
+    # GradScaler uses (torch/optim/adam.py, `_fused_adam`); the NaN-step test catches a change of it.
     optimizer.optimizer.found_inf = (~finite).float()  # AcceleratedOptimizer wraps the torch optimizer
 
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,40 +29,60 @@ N_SPEAKERS, N_MELS = 4, 40
 TINY_SPLITS = {"train": 100, "valid": 20, "test": 12}
 
 
+def write_shards(
+    out: Path,
+    splits: dict[str, Iterable[tuple[str, np.ndarray, dict]]],
+    speaker2id: dict[str, int],
+    features: dict,
+    per_shard: dict[str, int],
+    source: dict | None = None,
+) -> Path:
+    """Write each split's (key, features, metadata) samples as `spkdist shard` would: capped shards, then
+    index.json. `features` is index.json's feature record (n_mels, ...)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards, frames = {}, {}
+    for split, samples in splits.items():
+        frames[split] = 0
+        with SplitWriter(out, split, max_count=per_shard[split], max_bytes=1 << 30) as writer:
+            for key, feats, meta in samples:
+                writer.write(encode_sample(key, feats, meta))
+                frames[split] += len(feats)
+        shards[split] = writer.shards
+    write_index(out, build_index(shards, frames, speaker2id, features, source or {}, [], {}))
+    return out
+
+
 def make_tiny_shards(out: Path, sizes: dict[str, int] = TINY_SPLITS, shard_count: int = 20) -> Path:
     """4 speakers, each with its own spectral shape, `sizes[split]` utterances per split, at most
     `shard_count` per shard: by default train spreads over 5 shards (not a multiple of 2 or 3 ranks, nor
-    of ranks x 2 workers) and valid is ONE shard, so with 2 ranks one rank holds no validation shard."""
-    out.mkdir(parents=True, exist_ok=True)
+    of ranks x 2 workers) and valid is ONE shard, so with 2 ranks one rank holds no validation shard.
+    The same arguments always give the same shards (tests compare against figures measured on them)."""
     rng = np.random.default_rng(0)
     shapes = rng.normal(0.0, 1.0, size=(N_SPEAKERS, N_MELS))  # per-speaker mean over mel bins
-    speaker2id = {f"spk{i}": i for i in range(N_SPEAKERS)}
-    splits, frames = {}, {}
-    for split, size in sizes.items():
+
+    def samples(split: str, size: int):
         order = [(k % N_SPEAKERS, k // N_SPEAKERS) for k in range(size)]
         rng.shuffle(order)
-        frames[split] = 0
-        with SplitWriter(out, split, max_count=shard_count, max_bytes=1 << 30) as writer:
-            for position, (speaker, k) in enumerate(order):
-                length = int(rng.integers(20, 60))
-                feats = (shapes[speaker] + rng.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
-                meta = {
-                    "speaker": f"spk{speaker}",
-                    "speaker_id": int(speaker),
-                    "source": f"{split}/{speaker}/{k}.pt",
-                    "num_frames": length,
-                    "order": position,
-                }
-                writer.write(encode_sample(f"{split}-{position:05d}", feats, meta))
-                frames[split] += length
-        splits[split] = writer.shards
-    write_index(
+        for position, (speaker, k) in enumerate(order):
+            length = int(rng.integers(20, 60))
+            feats = (shapes[speaker] + rng.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
+            meta = {
+                "speaker": f"spk{speaker}",
+                "speaker_id": int(speaker),
+                "source": f"{split}/{speaker}/{k}.pt",
+                "num_frames": length,
+                "order": position,
+            }
+            yield f"{split}-{position:05d}", feats, meta
+
+    return write_shards(
         out,
-        build_index(
-            splits, frames, speaker2id, {"n_mels": N_MELS, "dtype": "float16"}, {"format": "test"}, [], {}
-        ),
+        {split: samples(split, size) for split, size in sizes.items()},
+        {f"spk{i}": i for i in range(N_SPEAKERS)},
+        {"n_mels": N_MELS, "dtype": "float16"},
+        dict.fromkeys(sizes, shard_count),
+        {"format": "test"},
     )
-    return out
 
 
 def tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:

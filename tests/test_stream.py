@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_shards
 
 from spkdist.errors import SpkdistError
-from spkdist.shard_format import Sample, SplitWriter, build_index, encode_sample, load_index, write_index
+from spkdist.shard_format import Sample, load_index
 from spkdist.stream import (
     TRAIN_BUNDLE_BATCHES,
     BadShardWarning,
@@ -56,23 +57,23 @@ def features(uid: int) -> np.ndarray:
 
 
 def write_shard_dir(out: Path) -> Path:
-    splits, frames = {}, {}
-    for split, (first, count, per_shard) in SPLITS.items():
-        with SplitWriter(out, split, max_count=per_shard, max_bytes=1 << 30) as writer:
-            for uid in range(first, first + count):
-                meta = {
-                    "speaker": None if label(uid) < 0 else f"spk{label(uid)}",
-                    "speaker_id": label(uid),
-                    "source": f"{split}/utt{uid}.pt",
-                    "num_frames": num_frames(uid),
-                    "order": uid - first,
-                }
-                writer.write(encode_sample(f"u{uid:04d}", features(uid), meta))
-        splits[split] = writer.shards
-        frames[split] = sum(num_frames(uid) for uid in range(first, first + count))
+    def samples(split: str):
+        first, count, _ = SPLITS[split]
+        for uid in range(first, first + count):
+            meta = {
+                "speaker": None if label(uid) < 0 else f"spk{label(uid)}",
+                "speaker_id": label(uid),
+                "source": f"{split}/utt{uid}.pt",
+                "num_frames": num_frames(uid),
+                "order": uid - first,
+            }
+            yield f"u{uid:04d}", features(uid), meta
+
     speakers = {f"spk{i}": i for i in range(4)}
-    write_index(out, build_index(splits, frames, speakers, {"n_mels": N_MELS}, {}, [], {}))
-    return out
+    per_shard = {split: per_shard for split, (_, _, per_shard) in SPLITS.items()}
+    return write_shards(
+        out, {split: samples(split) for split in SPLITS}, speakers, {"n_mels": N_MELS}, per_shard
+    )
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,9 @@ def test_sigterm_checkpoints_and_resume_reaches_the_final_step(tiny_shards, tmp_
     assert f"at step {stopped['step']}" in capsys.readouterr().out  # continued, did not start over
     assert resumed.step == steps
     assert checkpoint.load_model_file(out)["step"] == steps
+    # the learning-rate schedule continued too: it counted every step, before and after the stop
+    schedule = torch.load(checkpoint.checkpoint_dir(out) / "last" / "custom_checkpoint_1.pkl")
+    assert schedule == {"applied": steps}
 
 
 def test_a_signal_during_start_up_stops_cleanly_and_handlers_are_restored(tiny_shards, tmp_path, monkeypatch):
@@ -175,6 +178,7 @@ def test_a_nonfinite_step_changes_nothing(tiny_shards, tmp_path):
         )
 
     weights, moments, lr = snapshot()
+    assert moments and all(state for state in moments.values())  # AdamW has state to compare
     finite_batches = job.train_batches
     poisoned = next(finite_batches)
     poisoned.mels[0, 0, 0] = float("nan")  # a real frame: the loss and every gradient become NaN
@@ -251,8 +255,12 @@ def compiled_losses(tiny_shards: Path, out: Path, compile: bool, steps: int = 6)
 
 
 def test_compiled_training_follows_the_eager_loss_trajectory(tiny_shards, tmp_path):
+    from torch._dynamo.utils import counters
+
     eager = compiled_losses(tiny_shards, tmp_path / "eager", compile=False)
+    graphs = counters["stats"]["unique_graphs"]
     compiled = compiled_losses(tiny_shards, tmp_path / "compiled", compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # it really was compiled
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert eager[-1] < eager[0]  # it trains
 
@@ -273,7 +281,7 @@ def test_compiled_evaluation_does_not_recompile_for_every_batch_shape(tiny_shard
             lengths[0] = frames
             model(torch.randn(batch_size, frames, 40), lengths)
             graphs.append(counters["stats"]["unique_graphs"])
-    assert len(set(shapes)) == 20
+    assert len(set(shapes)) == 20 and graphs[0] > 0  # compiled at the first batch
     # each graph recompiles once as dynamic at its first new shape and once for batch size 1; then the
     # other 15 shapes compile nothing
     assert graphs[-1] == graphs[4]
@@ -295,3 +303,22 @@ def test_wandb_offline_run_holds_the_metrics(tiny_shards, tmp_path, monkeypatch)
         b"valid/accuracy",
     ):
         assert key in logged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_no_device_syncs_in_training_steps_on_cuda(precision, tiny_shards, tmp_path):
+    """On a GPU, CUDA itself reports any synchronising call during a step (a host read, a blocking copy)."""
+    overrides = [
+        *small_overrides(tiny_shards, tmp_path / "run", steps=10),
+        f"train.mixed_precision={precision}",
+    ]
+    job = train.setup(load_config("boss.yaml", overrides))
+    meter, health = train.Meter(job.accelerator.device), train.StepHealth(job.accelerator.device, 0)
+    train.train_step(job, meter, health)  # first step: library initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            train.train_step(job, meter, health)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

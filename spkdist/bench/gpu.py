@@ -11,12 +11,14 @@ takes one mixed-precision setting per process), times two loops of the same mode
 After --warmup untimed steps (compilation, worker start-up), --steps steps are timed between device
 syncs. Reported per setting: steps/s and utterances/s of both, ours/bare time ratio, peak device memory
 of each (CUDA only), the share of our loop's time spent waiting for data, and the projected time of the
-homework schedule (--schedule-steps, 70,000) at our speed. One JSON line per setting.
+homework schedule (--schedule-steps, 70,000) at our speed (training steps only: evaluation and
+checkpoints come on top). One JSON line per setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -114,18 +116,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             f"train.output_dir={out}",
             "log.tracker=none",
         ]
-        job = train.setup(load_config(f"{args.model}.yaml", overrides))
-        device = job.accelerator.device
-        meter, health = train.Meter(device), train.StepHealth(device, 0)
-        job.model.train()
-        _reset_peak(device)
-        ours = time_steps(lambda: train.train_step(job, meter, health), args.steps, args.warmup, device)
-        ours_peak = _peak_gib(device)
-        # data wait over the timed steps only: the meter's window restarted when timing began
-        wait_fraction = _timed_data_wait(meter, job, health, args, device)
-
+        cfg = load_config(f"{args.model}.yaml", overrides)
+        ours, ours_peak, wait_fraction, device = _time_our_loop(cfg, args)
+        gc.collect()  # our loop's model, optimizer and loader are gone before the bare loop's peak
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         batches = make_batches(8, args.batch_size, args.segment_len, device)
-        bare_step = bare_loop(job.cfg, batches, device, precision, compiled)
+        bare_step = bare_loop(cfg, batches, device, precision, compiled)
         _reset_peak(device)
         bare = time_steps(bare_step, args.steps, args.warmup, device)
         bare_peak = _peak_gib(device)
@@ -146,11 +143,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _timed_data_wait(meter, job, health, args, device) -> float:
-    """Share of wall time our loop spends in `next(batches)`, over --steps more steps."""
-    meter.flush(job.accelerator)  # starts a fresh window
-    time_steps(lambda: train.train_step(job, meter, health), args.steps, 0, device)
-    return meter.data_wait / (time.perf_counter() - meter.start)
+def _time_our_loop(cfg, args: argparse.Namespace) -> tuple[float, float | None, float, torch.device]:
+    """Seconds per `train_step`, peak memory (GiB, CUDA), data-wait share over a second timed stretch."""
+    job = train.setup(cfg)
+    device = job.accelerator.device
+    meter, health = train.Meter(device), train.StepHealth(device, 0)
+    job.model.train()
+
+    def step() -> None:
+        train.train_step(job, meter, health)
+
+    _reset_peak(device)
+    seconds = time_steps(step, args.steps, args.warmup, device)
+    peak = _peak_gib(device)
+    meter.flush(job.accelerator)  # a fresh window: data wait over timed steps only
+    time_steps(step, args.steps, 0, device)
+    wait_fraction = meter.data_wait / (time.perf_counter() - meter.start)
+    return seconds, peak, wait_fraction, device
 
 
 def _reset_peak(device: torch.device) -> None:

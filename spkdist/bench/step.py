@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..config import RECIPES, load_config
+from ..distributed import DEFAULT_COLLECTIVE_TIMEOUT, make_accelerator
 from ..models import build_model
 from ..schedules import WarmupCosine
 from ..stream import Batch
@@ -136,7 +137,7 @@ def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
 
 
 def run(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    accelerator = make_accelerator(DEFAULT_COLLECTIVE_TIMEOUT, mixed_precision=args.mixed_precision)
     device = accelerator.device
     print(
         f"device {device}, batch {args.batch_size} x {args.segment_len} frames, "
