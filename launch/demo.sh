@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded FSDD demo (6 speakers of real speech), on whatever this machine has:
 # build and verify shards, train the boss recipe sized for a CPU (configs/demo.yaml), evaluate it on the
-# dataset's own test takes, and write predictions. About 2 minutes on 2 CPU cores.
+# dataset's own test takes, and write predictions. About 4 minutes on 2 CPU cores.
 # Extra arguments go to the trainer as overrides, e.g.: bash launch/demo.sh train.max_steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import shlex
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -283,13 +284,34 @@ def is_remote(location: str) -> bool:
     return ":" in location.split("/", 1)[0] and not Path(location).exists()
 
 
+def shard_url(location: str, name: str) -> str:
+    """Where the file `name` (a shard, or index.json) of a shard location is.
+
+    A location is a directory or URL prefix (`name` is appended after a slash), or a template holding
+    `{name}`, for URLs where the name is not at the end: `pipe:aws s3 cp s3://bucket/shards/{name} -`.
+    In a `pipe:` location the name is shell-quoted: it is pasted into a shell command.
+    """
+    if "{name}" in location:
+        return location.replace("{name}", shlex.quote(name) if location.startswith("pipe:") else name)
+    if location.startswith("pipe:"):
+        name = shlex.quote(name)
+    return f"{location.rstrip('/')}/{name}"
+
+
 def load_index(location: str | os.PathLike) -> dict[str, Any]:
-    """Read and sanity-check index.json of a local shard directory or a webdataset URL prefix."""
+    """Read index.json of a local shard directory or a URL location, and check every field the code uses.
+
+    index.json is untrusted input (it may come from anywhere a URL points): its shard names, counts,
+    sizes, n_mels and speaker mapping are checked, each failure a one-line error naming the field.
+    """
     location = str(location)
     if is_remote(location):
-        with wds.gopen(location.rstrip("/") + "/" + INDEX_NAME, "rb") as f:
-            raw = f.read()
-        where = f"{location}/{INDEX_NAME}"
+        where = shard_url(location, INDEX_NAME)
+        try:
+            with wds.gopen(where, "rb") as f:
+                raw = f.read()
+        except Exception as e:  # a failed command or download: say which, in one line
+            raise SpkdistError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
     else:
         path = Path(location) / INDEX_NAME
         if not Path(location).is_dir():
@@ -300,7 +322,7 @@ def load_index(location: str | os.PathLike) -> dict[str, Any]:
         where = str(path)
     try:
         index = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpkdistError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise SpkdistError(f"{where}: not a spkdist shard index")
@@ -308,7 +330,53 @@ def load_index(location: str | os.PathLike) -> dict[str, Any]:
         raise SpkdistError(
             f"{where}: format version {index.get('format_version')}, this spkdist reads {FORMAT_VERSION}"
         )
+    _check_index(index, where)
     return index
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_index(index: dict[str, Any], where: str) -> None:
+    """The fields the code uses, checked for type and range (SpkdistError naming the first bad one)."""
+
+    def fail(field: str, problem: str) -> None:
+        raise SpkdistError(f"{where}: {field}: {problem}")
+
+    def count(value: Any, field: str) -> int:
+        if type(value) is not int or value < 0:
+            fail(field, f"expected a count (an integer >= 0), got {value!r}")
+        return value
+
+    if type(index.get("n_mels")) is not int or index["n_mels"] < 1:
+        fail("n_mels", f"expected a positive integer, got {index.get('n_mels')!r}")
+    speaker2id = index.get("speaker2id")
+    if not isinstance(speaker2id, dict) or not all(isinstance(name, str) for name in speaker2id):
+        fail("speaker2id", "expected a mapping of speaker names to class ids")
+    if sorted(i if type(i) is int else -1 for i in speaker2id.values()) != list(range(len(speaker2id))):
+        fail("speaker2id", f"class ids must be the integers 0..{len(speaker2id) - 1}, each once")
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        fail("splits", "expected a mapping of split names")
+    for split, info in splits.items():
+        if split not in SPLITS or not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            fail(f"splits.{split}", f"expected one of the splits {', '.join(SPLITS)} with a list of shards")
+        total = count(info.get("num_samples"), f"splits.{split}.num_samples")
+        count(info.get("num_frames"), f"splits.{split}.num_frames")
+        for i, shard in enumerate(info["shards"]):
+            field = f"splits.{split}.shards[{i}]"
+            if not isinstance(shard, dict):
+                fail(field, "expected a mapping")
+            # Only the names `spkdist shard` writes: nothing that leaves the directory or a shell word.
+            name = shard.get("name")
+            if not isinstance(name, str) or not re.fullmatch(rf"{split}-\d{{6}}\.tar", name):
+                fail(f"{field}.name", f"{name!r} is not a shard name of this split ({split}-NNNNNN.tar)")
+            count(shard.get("num_samples"), f"{field}.num_samples")
+            count(shard.get("bytes"), f"{field}.bytes")
+            if not isinstance(shard.get("sha256"), str) or not _SHA256.fullmatch(shard["sha256"]):
+                fail(f"{field}.sha256", "expected 64 lowercase hex digits")
+        if sum(shard["num_samples"] for shard in info["shards"]) != total:
+            fail(f"splits.{split}.num_samples", f"{total}, but its shards hold a different number")
 
 
 def shard_urls(location: str | os.PathLike, index: dict[str, Any], split: str) -> list[str]:
@@ -316,8 +384,7 @@ def shard_urls(location: str | os.PathLike, index: dict[str, Any], split: str) -
     if split not in index["splits"] or not index["splits"][split]["shards"]:
         have = ", ".join(s for s, v in index["splits"].items() if v["shards"]) or "none"
         raise SpkdistError(f"{location}: no '{split}' split in the shards (have: {have})")
-    base = str(location).rstrip("/")
-    return [f"{base}/{s['name']}" for s in index["splits"][split]["shards"]]
+    return [shard_url(str(location), s["name"]) for s in index["splits"][split]["shards"]]
 
 
 # ---------------------------------------------------------------------------------------------------------

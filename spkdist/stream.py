@@ -8,10 +8,11 @@ workers:
 
 and `StreamLoader` (a DataLoader) unpacks the bundles of batches the workers hand over.
 
-`index.json` (`spkdist.shard_format.load_index`) is the source of truth: the shard list and per-shard sample
-counts, the speakers and n_mels. A location is a local directory or any URL prefix `wds.gopen` accepts
-(`pipe:cat /mnt/shared/shards`, `https://host/shards`...), so shards can live on shared or
-object storage.
+`index.json` (`spkdist.shard_format.load_index`) is the source of truth: the shard list and per-shard
+sample counts, the speakers and n_mels. A location is a local directory, any URL prefix `wds.gopen`
+accepts (`pipe:cat /mnt/shared/shards`, `https://host/shards`) or a template with `{name}`
+(`pipe:aws s3 cp s3://b/shards/{name} -`; see `spkdist.shard_format.shard_url`), so shards can live on
+shared or object storage.
 
 Speed: per-sample Python work limits a loader of many short utterances, so the hot path avoids tarfile's
 member objects, webdataset's generic decoders and per-sample tensors. It parses the 512-byte tar headers

@@ -5,6 +5,7 @@ Multi-process launches are in test_distributed.py and test_scale.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,25 @@ def test_learns_and_keeps_best_and_last(tiny_shards, tmp_path):
     assert not list(root.glob(".*.partial"))
     with pytest.raises(SpkdistError, match=r"holds checkpoints of an earlier run; continue it with"):
         run(load_config("sample.yaml", overrides))  # a fresh run never overwrites an earlier one
+
+
+def test_checkpoints_between_evaluations_name_the_step_of_their_metrics(tiny_shards, tmp_path):
+    overrides = [
+        *small_overrides(tiny_shards, tmp_path / "run", steps=4),
+        "train.eval_every=2",
+        "train.save_every=1",
+        "train.keep_last=10",
+    ]
+    run(load_config("sample.yaml", overrides))
+    root = checkpoint.checkpoint_dir(tmp_path / "run")
+    meta = {p.name: json.loads((p / "meta.json").read_text()) for p in checkpoint.step_checkpoints(root)}
+    steps = {name: (m["metrics_step"], bool(m["metrics"])) for name, m in meta.items()}
+    assert steps == {
+        "step-00000001": (-1, False),  # no evaluation yet
+        "step-00000002": (2, True),
+        "step-00000003": (2, True),  # step 2's metrics, and it says so
+        "step-00000004": (4, True),
+    }
 
 
 def test_nonfinite_losses_stop_the_run(tiny_shards, tmp_path):
