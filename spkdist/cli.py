@@ -19,10 +19,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import __version__, bench, infer
+from . import __version__, bench, infer, train
 from .argtypes import fraction, positive_float, positive_int
+from .config import CONFIG_DIR
 from .errors import BadInput, SpkdistError, exit_code
 from .features import DTYPES, LogMel
+from .fsutil import atomic_write_bytes
 from .shard_format import load_index, verify
 from .shard_run import ShardOptions, shard
 from .sources import Corpus, detect_format, read_fsdd_demo, read_hw4, read_manifest, read_tree
@@ -85,6 +87,7 @@ class Parser(argparse.ArgumentParser):
 def add_shard(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "shard",
+        epilog="Example: spkdist shard /data/hw4/Dataset --out shards/hw4 --workers 8",
         help="convert a corpus into webdataset tar shards with index.json",
         description="Read a corpus (HW4 directory, audio manifest or folder tree, or the FSDD demo), "
         "split it into train/valid/test, shuffle (seeded) and write OUT/{split}-NNNNNN.tar shards and "
@@ -213,6 +216,7 @@ def _read_corpus(args: argparse.Namespace, bad: BadInput) -> Corpus:
 def add_verify(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "verify",
+        epilog="Example: spkdist verify shards/hw4",
         help="re-read every shard and check it against index.json",
         description="Re-read every shard of DIR: size and sha256 against index.json, every sample decodes "
         "to finite (frames, n_mels) features matching its metadata, sample counts per shard and split. "
@@ -237,6 +241,7 @@ def run_verify(args: argparse.Namespace) -> None:
 def add_inspect(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "inspect",
+        epilog="Example: spkdist inspect shards/hw4",
         help="summarise a shard directory",
         description="Print what index.json of DIR records: source, features, speakers, splits, skipped.",
     )
@@ -264,12 +269,48 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  {item['path']}: {item['reason']}")
 
 
+def add_configs(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "configs",
+        help="list the shipped configs, or copy them into a directory",
+        description="List the experiment and Accelerate configs this installation ships (the recipes "
+        "`--config NAME.yaml` finds, and the launch configs for `accelerate launch --config_file`), or copy "
+        "them into DIR/configs to edit them or to launch from DIR (the DeepSpeed launch configs name their "
+        "DeepSpeed JSON by the relative path configs/accelerate/).",
+        epilog="Example: spkdist configs --copy . && accelerate launch --config_file "
+        "configs/accelerate/ddp.yaml -m spkdist.train --config boss.yaml",
+    )
+    p.add_argument("--copy", type=Path, metavar="DIR", help="copy them into DIR/configs (never overwriting)")
+    p.set_defaults(run=run_configs)
+
+
+def run_configs(args: argparse.Namespace) -> None:
+    names = [f.name for f in CONFIG_DIR.iterdir() if f.is_file()]
+    names += [f"accelerate/{f.name}" for f in (CONFIG_DIR / "accelerate").iterdir()]
+    files = sorted(names)
+    if args.copy is None:
+        print(f"{CONFIG_DIR}:")
+        for name in files:
+            print(f"  {name}")
+        return
+    target = args.copy / "configs"
+    existing = [name for name in files if (target / name).exists()]
+    if existing:
+        raise SpkdistError(f"{target / existing[0]}: exists; copy into another directory")
+    for name in files:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target / name, CONFIG_DIR.joinpath(*name.split("/")).read_bytes())
+    print(f"copied {len(files)} configs to {target}")
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_shard,
     add_verify,
     add_inspect,
+    train.add_command,
     infer.add_evaluate,
     infer.add_predict,
+    add_configs,
     bench.add_command,
 ]
 

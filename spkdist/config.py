@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from .errors import SpkdistError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 RECIPES = ("sample", "medium", "strong", "boss")
 """The homework's recipe ladder. Each is the file configs/<name>.yaml, the only place a recipe is defined."""
@@ -46,8 +50,10 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
 
 
-# Where bare config names (`--config boss.yaml`) are looked up when no such file is in the working dir.
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs (recipes, Accelerate launch configs): package data, so a regular install has them.
+# Bare names (`--config boss.yaml`) are looked up here when the working directory has no such file.
+# (The clone's top-level configs/ is a link to this directory.)
+CONFIG_DIR = importlib.resources.files("spkdist") / "configs"
 
 
 @dataclass
@@ -230,17 +236,15 @@ def _section_name(section: Any) -> str:
     return type(section).__name__.removesuffix("Config").lower()
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """The config file for `name`: as given if it exists, else `configs/<name>` (`.yaml` optional)."""
+def resolve_config_path(name: str | Path) -> Path | Traversable:
+    """The config file for `name`: as given if it exists, else the shipped `<name>` (`.yaml` optional)."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (REPO_CONFIG_DIR / path.name, REPO_CONFIG_DIR / f"{path.name}.yaml"):
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise SpkdistError(
-        f"{name}: config file not found (looked in the working directory and {REPO_CONFIG_DIR})"
-    )
+    raise SpkdistError(f"{name}: config file not found (looked in the working directory and {CONFIG_DIR})")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -103,6 +103,7 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "evaluate",
         help="accuracy and loss of a checkpoint on a labeled split",
+        epilog="Example: spkdist evaluate --checkpoint runs/boss --shards shards/hw4 --split valid",
         description="Evaluate a checkpoint on a shard split; prints one JSON object "
         "with accuracy, loss and num_samples.",
     )
@@ -114,6 +115,7 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "predict",
         help="write Id,Category predictions for a split",
+        epilog="Example: spkdist predict --checkpoint runs/boss --shards shards/hw4 --out predictions.csv",
         description="Predict the speaker of every utterance of a split; writes the homework's submission CSV "
         "(Id = the utterance's feature_path or source path, Category = speaker name) in the split's order.",
     )

@@ -476,15 +476,18 @@ class Meter:
         }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="launch/train.py",
-        description="Train a speaker-identification model from spkdist shards.",
-        epilog="Example: accelerate launch launch/train.py --config configs/boss.yaml "
-        "data.shards=shards/fsdd-demo train.max_steps=300",
-    )
+DESCRIPTION = "Train a speaker-identification model from spkdist shards."
+EXAMPLE = (
+    "Example: accelerate launch -m spkdist.train --config boss.yaml data.shards=shards/fsdd-demo "
+    "train.max_steps=300   (or: spkdist train ..., python launch/train.py ...)"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", required=True, help="experiment YAML; a bare name like boss.yaml is looked up in configs/"
+        "--config",
+        required=True,
+        help="experiment YAML; a bare name like boss.yaml is one of the shipped configs (`spkdist configs`)",
     )
     parser.add_argument(
         "overrides",
@@ -492,12 +495,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="section.key=value",
         help="override any config field, e.g. train.max_steps=300 model.d_model=128",
     )
+
+
+def add_command(commands) -> None:
+    """`spkdist train`: the same as launch/train.py and `python -m spkdist.train`."""
+    p = commands.add_parser(
+        "train", help=DESCRIPTION.lower().rstrip("."), description=DESCRIPTION, epilog=EXAMPLE
+    )
+    add_arguments(p)
+    p.set_defaults(run=lambda args: _train(args.config, args.overrides))
+
+
+def _train(config: str, overrides: list[str]) -> None:
+    run(load_config(config, overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """launch/train.py and `python -m spkdist.train`."""
+    parser = argparse.ArgumentParser(prog="spkdist.train", description=DESCRIPTION, epilog=EXAMPLE)
+    add_arguments(parser)
     args = parser.parse_args(argv)
-
-    def train() -> None:
-        run(load_config(args.config, args.overrides))
-
-    return exit_code(train)
+    return exit_code(lambda: _train(args.config, args.overrides))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from spkdist.config import RECIPES, REPO_CONFIG_DIR, config_from_dict, dump_config, load_config
+from spkdist.config import CONFIG_DIR, RECIPES, config_from_dict, dump_config, load_config
 from spkdist.errors import SpkdistError
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipes_load_and_match_their_names(name):
-    cfg = load_config(REPO_CONFIG_DIR / f"{name}.yaml")
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     assert cfg.model.name == name
     assert cfg.train.output_dir == f"runs/{name}"
     assert cfg.data.segment_len == 128 and cfg.data.batch_size == 32 and cfg.optim.lr == 1e-3
@@ -96,7 +96,7 @@ def test_train_script_reports_config_errors_without_traceback():
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"spkdist: error: {REPO_CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
+        == f"spkdist: error: {CONFIG_DIR / 'boss.yaml'}: train.max_steps must be > 0, got -1"
     )
 
 

@@ -176,3 +176,11 @@ def test_evaluate_and_predict_share_the_split_under_a_two_process_launch(tiny_sh
     run_predict(str(run_dir), str(tiny_shards), "test", str(alone_out), batch_size=5, num_workers=0)
     rows = list(csv.reader(out.open()))
     assert len(rows) == 1 + 12 and rows == list(csv.reader(alone_out.open()))
+
+
+def test_accelerate_launch_runs_the_trainer_as_a_module(tiny_shards, tmp_path):
+    # `-m spkdist.train` needs no clone: no launch/train.py path
+    overrides = small_overrides(tiny_shards, tmp_path / "run")
+    output = run_checked([*ddp_launcher(2), "-m", "spkdist.train", "--config", "sample.yaml", *overrides])
+    assert "2 process(es), MULTI_CPU" in output
+    assert checkpoint.load_model_file(tmp_path / "run")["step"] == 4

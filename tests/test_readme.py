@@ -3,6 +3,7 @@ it (a later option or override wins), so a documented command cannot rot unnotic
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -11,7 +12,7 @@ import pytest
 from helpers import REPO
 
 from spkdist import train
-from spkdist.cli import main
+from spkdist.cli import build_parser, main
 
 README = (REPO / "README.md").read_text()
 
@@ -87,3 +88,14 @@ def test_zero_is_a_usage_error_not_the_default(flag, tmp_path, capsys):
         main(["shard", "--demo", "--out", str(tmp_path), flag, "0"])
     assert exit_.value.code == 2
     assert f"argument {flag}: must be a positive" in capsys.readouterr().err
+
+
+def test_every_subcommand_help_has_an_example():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    benchmarks = next(a for a in commands["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {name: p.format_help() for name, p in commands.items() if name != "bench"}
+    helps |= {f"bench {name}": p.format_help() for name, p in benchmarks.choices.items()}
+    assert {"shard", "train", "evaluate", "predict", "configs", "bench gpu"} <= set(helps)
+    for name, text in helps.items():
+        assert "Example: " in text and "spkdist" in text.split("Example: ", 1)[1], name

@@ -1,7 +1,8 @@
 """`spkdist bench <name>`: benchmarks anyone can rerun. Each prints a human report, then one JSON line.
 
-A benchmark is a module with a docstring (its first line is the help text), `add_arguments(parser)` and
-`run(args) -> dict` (the result, printed as the final JSON line). Register it in BENCHMARKS.
+A benchmark is a module with a docstring (its first line is the help text), an EXAMPLE command line,
+`add_arguments(parser)` and `run(args) -> dict` (the result, printed as the final JSON line). Register it
+in BENCHMARKS.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
             name,
             help=module.__doc__.split("\n", 1)[0],
             description=module.__doc__,
+            epilog=f"Example: {module.EXAMPLE}",
         )
         module.add_arguments(sub)
         sub.set_defaults(run=partial(_run, module))

@@ -37,6 +37,8 @@ from .synth import make_hw4_shards
 
 SETTINGS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
 
+EXAMPLE = "spkdist bench gpu --configs fp32 bf16 bf16+compile"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="boss", choices=RECIPES, help="recipe (configs/NAME.yaml)")

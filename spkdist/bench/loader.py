@@ -43,6 +43,8 @@ from .synth import make_hw4_shards
 HW4_PADDING = -20.0  # what the homework's collate pads with
 MAX_BATCHES = 500  # timed batches per run, unless one epoch of a small set holds fewer
 
+EXAMPLE = "spkdist bench loader --scale 0.25 --cold"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of HW4's 64,666 utterances")

@@ -24,6 +24,8 @@ from ..errors import SpkdistError, child_error
 from ..infer import run_evaluate
 from ..shard_format import load_index, shard_urls
 
+EXAMPLE = "spkdist bench recipes --shards shards/hard --steps 3000"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

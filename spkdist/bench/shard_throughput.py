@@ -27,6 +27,8 @@ from ..shard_run import ShardOptions, shard
 from ..sources import read_hw4
 from .synth import make_hw4_dir
 
+EXAMPLE = "spkdist bench shard --scale 0.25"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of HW4's 64,666 utterances")

@@ -36,6 +36,8 @@ from ..train import Job, Meter, StepHealth, TrainState, make_optimizer, train_st
 
 N_SPEAKERS, N_MELS = 600, 40  # HW4-shaped
 
+EXAMPLE = "spkdist bench step --models sample boss"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
