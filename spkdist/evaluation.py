@@ -8,12 +8,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .dashboards import EvalDetails
 from .errors import SpkdistError
 
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Accelerator, model: torch.nn.Module, batches: Iterable, idle_n_mels: int | None = None
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    batches: Iterable,
+    idle_n_mels: int | None = None,
+    details: EvalDetails | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and sample count over every batch of every rank: each utterance counted once.
 
@@ -26,6 +31,9 @@ def evaluate(
     Under DeepSpeed ZeRO-3 every forward is a collective; there `batches` comes from
     `spkdist.distributed.lockstep`, whose None items are idle passes: run on a one-frame dummy utterance
     of `idle_n_mels` bins, their result discarded, so that this rank joins the others' weight gathers.
+
+    `details` (for the dashboards) also collects confusion counts and an embedding sample; every batch
+    then returns its embeddings from the same forward pass (`with_embedding`), so no pass is added.
     """
     was_training = model.training
     model.eval()
@@ -39,10 +47,16 @@ def evaluate(
                 torch.zeros(1, 1, idle_n_mels, device=device), torch.ones(1, dtype=torch.long, device=device)
             )
             continue
+        host_labels = batch.labels
         batch = batch.to(device)
         if (batch.labels < 0).any():
             raise SpkdistError(f"unlabeled utterance {batch.sources[0]} in an evaluation split")
-        logits = model(batch.mels, batch.lengths).float()  # (B, n_speakers), margin-free at eval
+        if details is None:
+            logits = model(batch.mels, batch.lengths).float()  # (B, n_speakers), margin-free at eval
+        else:
+            logits, emb = model(batch.mels, batch.lengths, with_embedding=True)  # (B, N), (B, D)
+            logits = logits.float()
+            details.add(host_labels, batch.labels, logits.argmax(-1), emb)
         sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").to(dtype)
         sums[1] += (logits.argmax(-1) == batch.labels).sum()
         sums[2] += batch.labels.numel()

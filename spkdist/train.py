@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .config import CONFIG_VERSION, Config, dump_config, load_config
+from .dashboards import EvalDetails, evaluation_panels
 from .distributed import (
     StopRequest,
     StopVote,
@@ -192,7 +194,7 @@ def setup(cfg: Config) -> Job:
     )
     accelerator.init_trackers(
         cfg.log.project,
-        config=cfg.to_dict(),
+        config=tracker_config(cfg),
         init_kwargs={
             "wandb": {"mode": cfg.log.wandb_mode, "dir": str(out), "name": cfg.log.run_name or out.name}
         },
@@ -207,6 +209,19 @@ def setup(cfg: Config) -> Job:
     return Job(
         cfg, accelerator, model, optimizer, schedule, state, train_batches, valid_loader, n_mels, payload, out
     )
+
+
+def tracker_config(cfg: Config) -> dict[str, Any]:
+    """The run's config for the tracker: nested for W&B; flat `section.key` scalars for TensorBoard,
+    whose hparams take nothing else (lists and nulls as their JSON text)."""
+    if cfg.log.tracker != "tensorboard":
+        return cfg.to_dict()
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            scalar = isinstance(value, (int, float, str, bool))
+            flat[f"{section}.{key}"] = value if scalar else json.dumps(value)
+    return flat
 
 
 def fit(job: Job, stop: StopRequest) -> TrainResult:
@@ -271,6 +286,7 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 improved = metrics["accuracy"] > state.best_accuracy
                 if improved:
                     state.best_accuracy, state.best_step = metrics["accuracy"], state.step
+                    record_best(accelerator, cfg, state)
             if saving or improved:
                 path = checkpoint.save(
                     accelerator,
@@ -306,9 +322,25 @@ def validate(job: Job) -> dict[str, float]:
     """
     accelerator = job.accelerator
     model = accelerator.unwrap_model(job.model)
-    if is_zero3(accelerator):
-        return evaluate(accelerator, model, lockstep(accelerator, job.valid_loader), idle_n_mels=job.n_mels)
-    return evaluate(accelerator, model, job.valid_loader)
+    batches = lockstep(accelerator, job.valid_loader) if is_zero3(accelerator) else job.valid_loader
+    # the dashboards' counts and embedding sample, for W&B runs (all ranks collect; rank 0 logs)
+    wandb = job.cfg.log.tracker == "wandb"
+    details = EvalDetails(len(job.payload["speaker2id"]), accelerator.device) if wandb else None
+    metrics = evaluate(accelerator, model, batches, idle_n_mels=job.n_mels, details=details)
+    if details is not None:
+        confusion, embeddings, labels = details.reduce(accelerator)  # a collective: every rank
+        if accelerator.is_main_process:
+            id2speaker = {i: name for name, i in job.payload["speaker2id"].items()}
+            panels = evaluation_panels(confusion, embeddings, labels, id2speaker)
+            accelerator.get_tracker("wandb", unwrap=True).log(panels, step=job.state.step)
+    return metrics
+
+
+def record_best(accelerator: Accelerator, cfg: Config, state: TrainState) -> None:
+    """The W&B run summary holds the best validation accuracy and its step (shown in the runs table)."""
+    if cfg.log.tracker == "wandb" and accelerator.is_main_process:
+        summary = accelerator.get_tracker("wandb", unwrap=True).summary
+        summary["valid/best_accuracy"], summary["valid/best_step"] = state.best_accuracy, state.best_step
 
 
 def train_step(job: Job, meter: Meter, health: StepHealth) -> None:

@@ -215,3 +215,45 @@ def probe(prefix: Path, config: str, overrides: list[str]) -> list[str]:
 
 def read_ranks(prefix: Path, world_size: int = 2) -> list[dict]:
     return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def wandb_run(run_dir: Path) -> tuple[dict[str, object], dict[str, object], Path]:
+    """The history (every key ever logged, last value) and summary of the one offline W&B run under
+    RUN_DIR/wandb, read from its .wandb transaction log with wandb's own record type; and its files/."""
+    from wandb.proto import wandb_internal_pb2
+
+    [run] = (run_dir / "wandb").glob("offline-run-*")
+    history: dict[str, object] = {}
+    summary: dict[str, object] = {}
+    for raw in _log_records(next(run.glob("run-*.wandb")).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind in ("history", "summary"):
+            items = record.history.item if kind == "history" else record.summary.update
+            target = history if kind == "history" else summary
+            for item in items:
+                target[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return history, summary, run / "files"
+
+
+def _log_records(data: bytes):
+    """The records of a LevelDB-style log (what a .wandb file is after its 7-byte header): 32 KiB blocks
+    of chunks, each with a 7-byte header (checksum, length, type: full, first, middle, last)."""
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk

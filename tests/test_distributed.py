@@ -28,6 +28,7 @@ from helpers import (
     run_launcher,
     small_overrides,
     start_group,
+    wandb_run,
 )
 
 from spkdist import checkpoint
@@ -184,3 +185,18 @@ def test_accelerate_launch_runs_the_trainer_as_a_module(tiny_shards, tmp_path):
     output = run_checked([*ddp_launcher(2), "-m", "spkdist.train", "--config", "sample.yaml", *overrides])
     assert "2 process(es), MULTI_CPU" in output
     assert checkpoint.load_model_file(tmp_path / "run")["step"] == 4
+
+
+def test_dashboard_panels_cover_every_rank_s_validation_share(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in small_overrides(tiny_shards, run_dir) if not o.startswith("log.tracker")]
+    overrides += [*TINY_CONFORMER, "log.tracker=wandb", "log.wandb_mode=offline"]
+    run_checked([*ddp_launcher(2), *probe(tmp_path / "probe", "boss.yaml", overrides)])
+    history, summary, files = wandb_run(run_dir)  # rank 0 logs; the counts are the job's
+    per_speaker = json.loads((files / history["valid/per_speaker/path"]).read_text())
+    assert sum(row[1] for row in per_speaker["data"]) == 20  # both ranks' halves of the one valid shard
+    embeddings = json.loads((files / history["valid/embeddings/path"]).read_text())
+    assert len(embeddings["data"]) == 20 and {row[2] for row in embeddings["data"]} == {
+        f"spk{i}" for i in range(4)
+    }
+    assert summary["valid/best_step"] == 4

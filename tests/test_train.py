@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import N_SPEAKERS, TRAIN, cli_env, small_overrides
+from helpers import N_SPEAKERS, TRAIN, cli_env, small_overrides, wandb_run
 
 from spkdist import checkpoint, train
 from spkdist.config import load_config
@@ -307,22 +307,38 @@ def test_compiled_evaluation_does_not_recompile_for_every_batch_shape(tiny_shard
     assert graphs[-1] == graphs[4]
 
 
-def test_wandb_offline_run_holds_the_metrics(tiny_shards, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_metrics_and_the_dashboard_panels(tiny_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     overrides = [o for o in small_overrides(tiny_shards, out) if not o.startswith("log.tracker")]
     run(load_config("sample.yaml", [*overrides, "log.tracker=wandb", "log.wandb_mode=offline"]))
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    logged = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    for key in (
-        b"train/loss",
-        b"train/lr",
-        b"train/grad_norm",
-        b"train/data_wait_fraction",
-        b"valid/accuracy",
-    ):
-        assert key in logged
+    history, summary, files = wandb_run(out)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/data_wait_fraction", "valid/accuracy"):
+        assert key in history, key
+    kinds = {key: history[f"valid/{key}/_type"] for key in ("per_speaker", "confused_pairs", "embeddings")}
+    assert kinds == dict.fromkeys(kinds, "table-file") and history["valid/confusion/_type"] == "image-file"
+    assert summary["valid/best_accuracy"] == history["valid/accuracy"] and summary["valid/best_step"] == 4
+    per_speaker = json.loads((files / history["valid/per_speaker/path"]).read_text())
+    assert per_speaker["columns"] == ["speaker", "utterances", "correct", "accuracy"]
+    assert sum(row[1] for row in per_speaker["data"]) == 20  # every validation utterance
+    assert sum(row[2] for row in per_speaker["data"]) == round(20 * history["valid/accuracy"])
+    embeddings = json.loads((files / history["valid/embeddings/path"]).read_text())
+    assert embeddings["columns"] == ["x", "y", "speaker"] and len(embeddings["data"]) == 20
+
+
+def test_tensorboard_event_files_hold_the_scalars(tiny_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    overrides = [o for o in small_overrides(tiny_shards, out) if not o.startswith("log.tracker")]
+    run(load_config("sample.yaml", [*overrides, "log.tracker=tensorboard"]))
+    events = out / "spkdist"  # OUTPUT/<log.project>; the hparams sit in a subdirectory of their own
+    accumulator = EventAccumulator(str(events)).Reload()
+    scalars = accumulator.Tags()["scalars"]
+    for key in ("train/loss", "train/lr", "train/accuracy", "valid/loss", "valid/accuracy"):
+        assert key in scalars, key
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in accumulator.Scalars("valid/accuracy")] == [4]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

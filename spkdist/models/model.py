@@ -40,7 +40,14 @@ class SpeakerModel(nn.Module):
         return self.pooling(frames, mask)  # (B, D)
 
     def forward(
-        self, mels: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits (B, n_speakers). labels (B,) only matter to a margin head, and only in training mode."""
-        return self.head(self.embed(mels, lengths), labels)
+        self,
+        mels: torch.Tensor,
+        lengths: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        with_embedding: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, n_speakers), and with `with_embedding` the embedding (B, D) they came from. labels
+        (B,) only matter to a margin head, and only in training mode."""
+        emb = self.embed(mels, lengths)
+        logits = self.head(emb, labels)
+        return (logits, emb) if with_embedding else logits
