@@ -72,11 +72,20 @@ class DataConfig:
     """Samples held in the training shuffle buffer of each worker."""
     on_bad_shard: Literal["warn", "raise"] = "warn"
     """A corrupt training shard: skip it with a warning and count it, or stop the run."""
+    time_masks: int = 0
+    """SpecAugment: time masks per training crop (each a run of frames set to the crop's mean); 0: off."""
+    time_mask_width: int = 0
+    """SpecAugment: the longest time mask, in frames (each width is drawn in [0, this])."""
+    freq_masks: int = 0
+    """SpecAugment: frequency masks per training crop (bands of mel bins); 0: off. Never at evaluation."""
+    freq_mask_width: int = 0
+    """SpecAugment: the widest frequency mask, in mel bins."""
 
     def validate(self) -> None:
         _positive(self, "segment_len", "batch_size", "eval_batch_size", "shuffle_buffer")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("num_workers", "time_masks", "time_mask_width", "freq_masks", "freq_mask_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -104,14 +113,22 @@ class ModelConfig:
     """Dropout probability inside the encoder layers, in [0, 1)."""
     kernel_size: int = 31
     """Conformer depthwise-convolution kernel in frames; odd to keep frames aligned. Unused by Transformer."""
-    pooling: Literal["mean", "attention"] = "mean"
-    """Frames -> one vector: masked mean, or self-attentive pooling; both ignore padded frames."""
-    head: Literal["linear", "am_softmax"] = "linear"
-    """Classifier: Linear-ReLU-Linear, or the additive-margin cosine head (AM-softmax)."""
+    feature_norm: Literal["none", "mean", "mean_var"] = "none"
+    """Per-utterance normalisation of the log-mels inside the model, over its real frames (the crop in
+    training, the whole utterance at evaluation): subtract each bin's mean (cepstral mean normalisation),
+    and with mean_var also divide by its standard deviation. Part of the model, so every use of a
+    checkpoint (evaluate, predict, export) applies it the same way."""
+    pooling: Literal["mean", "attention", "attentive_stats"] = "mean"
+    """Frames -> one vector, all ignoring padded frames: masked mean, self-attentive pooling, or attentive
+    statistics (attention-weighted mean and standard deviation: an embedding of 2 x d_model)."""
+    head: Literal["linear", "am_softmax", "aam_softmax"] = "linear"
+    """Classifier: Linear-ReLU-Linear, or a cosine head with an additive margin on the target: AM-softmax
+    (cos - m) or AAM-softmax (ArcFace: cos(theta + m))."""
     margin: float = 0.2
-    """AM-softmax margin m, subtracted from the target cosine in training only; in [0, 1)."""
+    """Margin m of the margin heads (a cosine for AM, an angle in radians for AAM), in training only;
+    in [0, 1)."""
     scale: float = 30.0
-    """AM-softmax scale s multiplying every cosine; > 0. Unused by the linear head, like margin."""
+    """Scale s multiplying every cosine of a margin head; > 0. Unused by the linear head, like margin."""
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_heads", "n_layers", "ffn_dim", "kernel_size", "scale")
@@ -134,13 +151,31 @@ class OptimConfig:
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW moment coefficients."""
-    warmup_steps: int = 1000
-    """Optimizer steps of linear warmup from 0 to `lr`; then cosine decay to 0 at train.max_steps."""
+    warmup_steps: int | None = 1000
+    """Optimizer steps of linear warmup from 0 to `lr`; then cosine decay to 0 at train.max_steps. Set
+    exactly one of warmup_steps and warmup_fraction (the other null)."""
+    warmup_fraction: float | None = None
+    """Warmup as a share of train.max_steps, in [0, 1): it follows the run's length (0.1 of a 3,000-step
+    run is 300 steps; the 1,000 steps sized for 70,000 would be a third of it)."""
+
+    def warmup(self, max_steps: int) -> int:
+        """Warmup steps for a run of `max_steps`."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * max_steps)
 
     def validate(self) -> None:
         _positive(self, "lr")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("optim.weight_decay and optim.warmup_steps must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if (self.warmup_steps is None) == (self.warmup_fraction is None):
+            raise ValueError(
+                "set exactly one of optim.warmup_steps and optim.warmup_fraction (the other null)"
+            )
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
 
@@ -175,6 +210,9 @@ class TrainConfig:
     """Shard split evaluated during training."""
     collective_timeout: int = 600
     """Seconds a rank waits in a collective (joining included) for the others before the job fails."""
+    margin_warmup: tuple[int, int] | None = None
+    """Steps [start, end] over which a margin head's margin grows linearly from 0 to model.margin
+    (WeSpeaker's margin scheduler; logged as train/am_margin); null: the full margin from the start."""
     compile: bool = False
     """Compile the model with torch.compile (not under DeepSpeed). Off until measured faster on your GPU."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
@@ -187,6 +225,10 @@ class TrainConfig:
         _positive(self, "max_nonfinite", "collective_timeout")
         if self.clip_grad_norm < 0:
             raise ValueError(f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        if self.margin_warmup is not None and not 0 <= self.margin_warmup[0] < self.margin_warmup[1]:
+            raise ValueError(
+                f"train.margin_warmup must be [start, end] with 0 <= start < end, got {self.margin_warmup}"
+            )
 
 
 @dataclass

@@ -151,7 +151,7 @@ def check_features(
         if not np.isfinite(feats).all():
             raise BadItemError(path, "features contain NaN or inf values")
         raise BadItemError(
-            path, f"feature values exceed the {dtype} range (+-{limit:g}); use --dtype float32"
+            path, f"feature values exceed the {dtype} range (+-{limit:g}); store them as float32"
         )
 
 

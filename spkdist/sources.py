@@ -66,7 +66,7 @@ class Corpus:
 
 
 def detect_format(location: Path, forced: str | None) -> str:
-    """`hw4` or `audio` for a SOURCE path: as forced by --format, else `hw4` for a directory holding any of
+    """`hw4` or `audio` for a SOURCE path: `forced` if given, else `hw4` for a directory holding any of
     HW4's JSON files (so that a missing one is reported as such), else `audio`."""
     if not location.exists():
         raise SpkdistError(f"{location}: no such file or directory")

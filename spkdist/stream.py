@@ -3,7 +3,7 @@
 Both streams are chains of small iterator -> iterator stages (WeSpeaker style) run inside DataLoader
 workers:
 
-    train: slot_shards -> read_shards -> random_crop -> shuffle -> chunks -> collate   (endless)
+    train: slot_shards -> read_shards -> random_crop [-> spec_augment] -> shuffle -> chunks -> collate
     eval:  eval_share(rank, worker) -> read_shards -> length_sorted -> collate           (finite)
 
 and `StreamLoader` (a DataLoader) unpacks the bundles of batches the workers hand over.
@@ -239,6 +239,43 @@ def random_crop(utterances: Iterable[Sample], segment_len: int, rng: random.Rand
         yield utt
 
 
+@dataclass(frozen=True)
+class SpecAugment:
+    """SpecAugment (Park et al. 2019) settings: `time_masks` runs of up to `time_width` frames and
+    `freq_masks` bands of up to `freq_width` mel bins per training crop. All zero: off."""
+
+    time_masks: int = 0
+    time_width: int = 0
+    freq_masks: int = 0
+    freq_width: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.time_masks and self.time_width) or bool(self.freq_masks and self.freq_width)
+
+
+def spec_augment(utterances: Iterable[Sample], settings: SpecAugment, rng: random.Random) -> Iterator[Sample]:
+    """Masked copies of training crops: each mask sets its frames (or bins) to the crop's mean value.
+
+    Runs after the crop and before batching, so only real frames exist (padding comes in `collate`)
+    and no mask falls on padding; never at evaluation. Widths are drawn in [0, max], positions
+    uniformly, from the worker's seeded stream, so a seed gives the same masks.
+    """
+    for utt in utterances:
+        mels = np.array(utt.mels)  # a writable copy: an uncropped utterance is a view of the shard
+        frames, bins = mels.shape
+        fill = mels.mean(dtype=np.float32)
+        for _ in range(settings.time_masks):
+            width = rng.randint(0, min(settings.time_width, frames))
+            start = rng.randrange(frames - width + 1)
+            mels[start : start + width, :] = fill  # frames [start, start + width)
+        for _ in range(settings.freq_masks):
+            width = rng.randint(0, min(settings.freq_width, bins))
+            start = rng.randrange(bins - width + 1)
+            mels[:, start : start + width] = fill  # mel bins [start, start + width)
+        yield utt._replace(mels=mels)
+
+
 def shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Items in random order through a buffer of `size`: each new item replaces a random buffered one.
 
@@ -387,10 +424,12 @@ class TrainStream(_ShardStream):
         seed: int,
         steps: int,
         on_bad_shard: OnBadShard,
+        augment: SpecAugment,
     ) -> None:
         super().__init__(shards, n_mels, on_bad_shard)
         self.batch_size = batch_size
         self.segment_len = segment_len
+        self.augment = augment
         self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
@@ -414,7 +453,10 @@ class TrainStream(_ShardStream):
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         shards = slot_shards(self.shards, shard_rng, slot, slots, self._bad)
         utterances = read_shards(shards, self.n_mels, self._bad)
-        utterances = shuffle(random_crop(utterances, self.segment_len, rng), self.shuffle_buffer, rng)
+        utterances = random_crop(utterances, self.segment_len, rng)
+        if self.augment.active:
+            utterances = spec_augment(utterances, self.augment, rng)
+        utterances = shuffle(utterances, self.shuffle_buffer, rng)
         return self._bundles(islice(chunks(utterances, self.batch_size), my_steps))
 
 
@@ -513,6 +555,7 @@ def train_loader(
     seed: int,
     on_bad_shard: OnBadShard = "warn",
     epoch_batches: int | None = None,
+    augment: SpecAugment = SpecAugment(),
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> StreamLoader:
@@ -528,6 +571,7 @@ def train_loader(
         seed: base of every (rank, worker, epoch) random order; the same seed gives the same batches.
         on_bad_shard: "warn" (skip, warn and count in `Batch.bad_shards`) or "raise".
         epoch_batches: batches per epoch per rank; default `steps_per_epoch(index, batch_size, world_size)`.
+        augment: SpecAugment masks applied to each crop (default: none).
         pin_memory: page-locked batches for fast GPU copies; default: when CUDA is available.
         prefetch_factor: bundles of batches each worker prepares ahead.
     Returns:
@@ -547,6 +591,7 @@ def train_loader(
         seed=seed,
         steps=steps,
         on_bad_shard=on_bad_shard,
+        augment=augment,
     )
     return _loader(dataset, num_workers, pin_memory, prefetch_factor)
 

@@ -58,10 +58,10 @@ from .distributed import (
 from .errors import SpkdistError, exit_code
 from .evaluation import evaluate
 from .fsutil import atomic_write_bytes
-from .models import build_model
+from .models import MarginHead, build_model
 from .schedules import WarmupCosine
 from .shard_format import load_index
-from .stream import Batch, StreamLoader, eval_loader, train_loader
+from .stream import Batch, SpecAugment, StreamLoader, eval_loader, train_loader
 
 
 @dataclasses.dataclass
@@ -158,7 +158,11 @@ def setup(cfg: Config) -> Job:
     fill_deepspeed_config(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = WarmupCosine(
-        optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, accelerator.device
+        optimizer,
+        cfg.optim.lr,
+        cfg.optim.warmup(cfg.train.max_steps),
+        cfg.train.max_steps,
+        accelerator.device,
     )
     state = TrainState()
     accelerator.register_for_checkpointing(state, schedule)
@@ -181,6 +185,9 @@ def setup(cfg: Config) -> Job:
             world_size=world,
             on_bad_shard=cfg.data.on_bad_shard,
             seed=cfg.train.seed + state.step,  # a resumed run draws fresh data instead of replaying
+            augment=SpecAugment(
+                cfg.data.time_masks, cfg.data.time_mask_width, cfg.data.freq_masks, cfg.data.freq_mask_width
+            ),
         )
     )
     valid_loader = eval_loader(
@@ -237,6 +244,8 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
         return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
     vote = StopVote(accelerator, cfg.train.collective_timeout)
     stopping = False
+    head = accelerator.unwrap_model(job.model).head
+    margin_schedule = isinstance(head, MarginHead) and cfg.train.margin_warmup is not None
     job.model.train()
     with tqdm(
         total=cfg.train.max_steps,
@@ -251,6 +260,8 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 progress.write(message)
 
         while state.step < cfg.train.max_steps:
+            if margin_schedule:  # a fill on the device: no host read, and no recompile of a compiled model
+                head.margin_now.fill_(margin_at(cfg, state.step))
             train_step(job, meter, health)
             state.step += 1
             progress.update(1)
@@ -262,8 +273,11 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                     "train/grad_norm": health.last_norm(),
                     "train/skipped_steps": state.skipped_steps,
                 }
-                if cfg.model.head == "am_softmax":
-                    log |= {"train/am_margin": cfg.model.margin, "train/am_scale": cfg.model.scale}
+                if isinstance(head, MarginHead):
+                    log |= {
+                        "train/am_margin": margin_at(cfg, state.step - 1),
+                        "train/am_scale": cfg.model.scale,
+                    }
                 accelerator.log(log, step=state.step)
                 progress.set_postfix(loss=f"{log['train/loss']:.3f}", acc=f"{log['train/accuracy']:.3f}")
 
@@ -311,6 +325,15 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
     accelerator.end_training()
     stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
     return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
+
+
+def margin_at(cfg: Config, step: int) -> float:
+    """The margin head's margin for the step after `step` steps: model.margin, grown linearly from 0
+    over train.margin_warmup when set (host arithmetic on the step count, no device read)."""
+    if cfg.train.margin_warmup is None:
+        return cfg.model.margin
+    start, end = cfg.train.margin_warmup
+    return cfg.model.margin * min(1.0, max(0.0, (step - start) / (end - start)))
 
 
 def validate(job: Job) -> dict[str, float]:

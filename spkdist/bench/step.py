@@ -91,7 +91,7 @@ def bare_loop(cfg, batches: list[Batch], device: torch.device, precision: str, c
     if compiled:
         model.compile(mode=cfg.train.compile_mode)
     optimizer = make_optimizer(model, cfg)
-    warmup = max(1, cfg.optim.warmup_steps)
+    warmup = max(1, cfg.optim.warmup(cfg.train.max_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     max_norm = cfg.train.clip_grad_norm or math.inf  # 0 means "never clip", as in the trainer
@@ -118,7 +118,11 @@ def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
     model = build_model(cfg.model, N_MELS, N_SPEAKERS)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     schedule = WarmupCosine(
-        optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, accelerator.device
+        optimizer,
+        cfg.optim.lr,
+        cfg.optim.warmup(cfg.train.max_steps),
+        cfg.train.max_steps,
+        accelerator.device,
     )
     model.train()
     job = Job(

@@ -14,19 +14,22 @@ from torch import nn
 
 from spkdist.config import ModelConfig
 from spkdist.models.conformer import ConformerEncoder
-from spkdist.models.heads import AMSoftmaxHead, LinearHead
+from spkdist.models.heads import AAMSoftmaxHead, AMSoftmaxHead, LinearHead, MarginHead
 from spkdist.models.model import SpeakerModel, padding_mask
-from spkdist.models.pooling import AttentivePooling, MeanPooling
+from spkdist.models.pooling import AttentivePooling, AttentiveStatsPooling, MeanPooling
 from spkdist.models.transformer import TransformerEncoder
 
 __all__ = [
     "ENCODERS",
     "HEADS",
     "POOLINGS",
+    "AAMSoftmaxHead",
     "AMSoftmaxHead",
     "AttentivePooling",
+    "AttentiveStatsPooling",
     "ConformerEncoder",
     "LinearHead",
+    "MarginHead",
     "MeanPooling",
     "SpeakerModel",
     "TransformerEncoder",
@@ -45,10 +48,13 @@ ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 POOLINGS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "mean": lambda cfg: MeanPooling(),
     "attention": lambda cfg: AttentivePooling(cfg.d_model),
+    "attentive_stats": lambda cfg: AttentiveStatsPooling(cfg.d_model),
 }
-HEADS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "linear": lambda cfg, n_speakers: LinearHead(cfg.d_model, n_speakers),
-    "am_softmax": lambda cfg, n_speakers: AMSoftmaxHead(cfg.d_model, n_speakers, cfg.margin, cfg.scale),
+# Heads take the embedding width, which the pooling decides (attentive statistics: 2 x d_model).
+HEADS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "linear": lambda cfg, dim, n_speakers: LinearHead(dim, n_speakers),
+    "am_softmax": lambda cfg, dim, n_speakers: AMSoftmaxHead(dim, n_speakers, cfg.margin, cfg.scale),
+    "aam_softmax": lambda cfg, dim, n_speakers: AAMSoftmaxHead(dim, n_speakers, cfg.margin, cfg.scale),
 }
 
 
@@ -59,6 +65,6 @@ def build_model(cfg: ModelConfig, n_mels: int, n_speakers: int) -> SpeakerModel:
         raise ValueError(
             f"n_mels and n_speakers must be positive, got n_mels={n_mels}, n_speakers={n_speakers}"
         )
-    return SpeakerModel(
-        ENCODERS[cfg.encoder](cfg, n_mels), POOLINGS[cfg.pooling](cfg), HEADS[cfg.head](cfg, n_speakers)
-    )
+    pooling = POOLINGS[cfg.pooling](cfg)
+    head = HEADS[cfg.head](cfg, pooling.out_dim(cfg.d_model), n_speakers)
+    return SpeakerModel(ENCODERS[cfg.encoder](cfg, n_mels), pooling, head, cfg.feature_norm)

@@ -1,0 +1,152 @@
+"""The training levers of the accuracy work, each off unless a config turns it on: SpecAugment in the
+training stream, per-utterance feature normalisation inside the model, attentive statistics pooling,
+AAM-softmax, a margin warm-up and a warm-up that follows the run's length."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import small_overrides
+
+from spkdist.config import config_from_dict, load_config
+from spkdist.errors import SpkdistError
+from spkdist.models import AAMSoftmaxHead, AMSoftmaxHead, AttentiveStatsPooling, build_model, padding_mask
+from spkdist.shard_format import Sample, load_index
+from spkdist.stream import SpecAugment, eval_loader, spec_augment, train_loader
+from spkdist.train import margin_at
+
+N_MELS = 40
+
+
+def test_spec_augment_masks_real_frames_with_the_crop_mean_reproducibly():
+    x = np.arange(30 * 8, dtype=np.float16).reshape(30, 8)
+    x.setflags(write=False)  # like a view of a shard's bytes
+    settings = SpecAugment(time_masks=2, time_width=5, freq_masks=1, freq_width=3)
+    [a] = spec_augment([Sample("k", x, 0, "s", 0)], settings, random.Random(1))
+    [b] = spec_augment([Sample("k", x, 0, "s", 0)], settings, random.Random(1))
+    assert np.array_equal(a.mels, b.mels) and a.mels.shape == x.shape  # seeded: the same masks
+    changed = a.mels != x
+    assert changed.any() and np.all(a.mels[changed] == np.float16(x.mean(dtype=np.float32)))
+    masked_rows = {r for r in range(30) if changed[r].all()}
+    masked_cols = {c for c in range(8) if changed[:, c].all()}
+    assert len(masked_rows) <= 10 and len(masked_cols) <= 3  # at most 2 x 5 frames and 3 bins
+
+
+def test_spec_augment_reaches_training_batches_only_never_padding_or_evaluation(tiny_shards):
+    index, settings = load_index(tiny_shards), SpecAugment(time_masks=3, time_width=10)
+    common = dict(batch_size=8, segment_len=200, num_workers=0, shuffle_buffer=1, rank=0, world_size=1)
+    plain = next(iter(train_loader(str(tiny_shards), index, seed=0, **common)))
+    masked = next(iter(train_loader(str(tiny_shards), index, seed=0, augment=settings, **common)))
+    assert plain.keys == masked.keys and torch.equal(plain.lengths, masked.lengths)
+    assert not torch.equal(plain.mels, masked.mels)
+    for row, length in enumerate(masked.lengths.tolist()):
+        assert masked.mels[row, length:].abs().sum() == 0  # padding stays zero: masks only real frames
+    # evaluation has no augmentation at all: the loader takes no such setting
+    with pytest.raises(TypeError):
+        eval_loader(str(tiny_shards), index, "valid", augment=settings, **common)
+
+
+def model_with(**change) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        load_config("boss.yaml").model, d_model=16, n_heads=2, n_layers=1, ffn_dim=32, kernel_size=5, **change
+    )
+    return build_model(cfg, N_MELS, 7).eval()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"feature_norm": "mean"}, {"feature_norm": "mean_var"}, {"pooling": "attentive_stats"}],
+    ids=["cmn", "cmvn", "attentive_stats"],
+)
+def test_levers_keep_an_utterance_logits_independent_of_padding(change):
+    model = model_with(**change)
+    utterance = torch.randn(9, N_MELS) * 3 + 5
+    batch = torch.full((2, 23, N_MELS), 77.0)
+    batch[0], batch[1, :9] = torch.randn(23, N_MELS), utterance
+    with torch.no_grad():
+        alone = model(utterance[None], torch.tensor([9]))[0]
+        padded = model(batch, torch.tensor([23, 9]))[1]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_normalisation_centres_each_bin_over_real_frames():
+    from spkdist.models.model import normalise
+
+    mels = torch.randn(2, 10, 4) * 2 + 3
+    lengths = torch.tensor([10, 6])
+    mask = padding_mask(lengths, 10)
+    mels = mels.masked_fill(mask.unsqueeze(-1), 0.0)
+    out = normalise(mels, mask, lengths, variance=True)
+    real = out[1, :6]
+    torch.testing.assert_close(real.mean(dim=0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(real.pow(2).mean(dim=0), torch.ones(4), atol=1e-4, rtol=0)
+    assert out[1, 6:].abs().sum() == 0
+
+
+def test_attentive_stats_pooling_is_mean_and_std_under_uniform_weights():
+    pooling = AttentiveStatsPooling(3)
+    torch.nn.init.zeros_(pooling.score.weight)  # equal scores: uniform weights over the valid frames
+    frames = torch.randn(1, 6, 3)
+    padded = torch.cat([frames, 1e4 * torch.ones(1, 2, 3)], dim=1)
+    pooled = pooling(padded, padding_mask(torch.tensor([6]), 8))  # (1, 6): mean then std
+    torch.testing.assert_close(pooled[0, :3], frames[0].mean(dim=0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled[0, 3:], frames[0].std(dim=0, unbiased=False), atol=1e-4, rtol=1e-4)
+    assert (
+        AttentiveStatsPooling.out_dim(16) == 32
+        and model_with(pooling="attentive_stats").head.weight.shape[1] == 32
+    )
+
+
+@pytest.mark.parametrize("head_type", [AMSoftmaxHead, AAMSoftmaxHead])
+def test_margin_heads_at_margin_zero_are_plain_scaled_cosine(head_type):
+    torch.manual_seed(0)
+    head = head_type(dim=6, n_speakers=5, margin=0.0, scale=30.0).train()
+    emb, labels = torch.randn(4, 6), torch.tensor([0, 3, 3, 4])
+    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).T
+    torch.testing.assert_close(head(emb, labels), 30 * cos, atol=1e-5, rtol=1e-5)
+
+
+def test_aam_softmax_adds_the_margin_to_the_target_angle():
+    torch.manual_seed(0)
+    head = AAMSoftmaxHead(dim=6, n_speakers=5, margin=0.3, scale=1.0).train()
+    emb, labels = torch.randn(4, 6), torch.tensor([0, 3, 3, 4])
+    cos = (F.normalize(emb.double(), dim=1) @ F.normalize(head.weight.detach().double(), dim=1).T).clamp(
+        -1, 1
+    )
+    target = F.one_hot(labels, 5).bool()
+    theta = torch.acos(cos[target])
+    expected = torch.where(theta + 0.3 < math.pi, torch.cos(theta + 0.3), cos[target] - 0.3 * math.sin(0.3))
+    torch.testing.assert_close(head(emb, labels).double()[target], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_margin_warmup_grows_the_margin_linearly_over_its_step_range():
+    cfg = load_config("boss.yaml", ["train.margin_warmup=[100, 300]"])
+    assert [margin_at(cfg, step) for step in (0, 100, 200, 300, 1000)] == pytest.approx(
+        [0.0, 0.0, 0.1, 0.2, 0.2]
+    )
+    assert margin_at(load_config("boss.yaml"), 0) == 0.2  # off: the full margin from the start
+
+
+def test_margin_warmup_reaches_the_head_during_training(tiny_shards, tmp_path):
+    from spkdist import train
+
+    overrides = [*small_overrides(tiny_shards, tmp_path / "run", steps=4), "train.margin_warmup=[0, 8]"]
+    result = train.run(load_config("boss.yaml", [*overrides, "model.d_model=16", "model.n_heads=2"]))
+    assert float(result.model.head.margin_now) == pytest.approx(0.2 * 3 / 8)  # set before step 4
+
+
+def test_warmup_is_exactly_one_of_steps_and_a_fraction_of_the_run():
+    cfg = load_config("sample.yaml", ["optim.warmup_steps=null", "optim.warmup_fraction=0.1"])
+    assert cfg.optim.warmup(3000) == 300 and load_config("sample.yaml").optim.warmup(3000) == 1000
+    for overrides in (["optim.warmup_fraction=0.1"], ["optim.warmup_steps=null"]):
+        with pytest.raises(SpkdistError, match=r"set exactly one of optim\.warmup_steps and optim\."):
+            load_config("sample.yaml", overrides)
+    with pytest.raises(SpkdistError, match=r"optim.warmup_fraction must be in \[0, 1\)"):
+        config_from_dict({"optim": {"warmup_steps": None, "warmup_fraction": 1.5}})
