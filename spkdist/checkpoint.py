@@ -135,6 +135,46 @@ def resolve(path: str | Path) -> Path:
     raise SpkdistError(f"{path}: not a checkpoint or a run directory with checkpoints")
 
 
+def average(run_dir: str | Path, last: int, out: str | Path) -> Path:
+    """Write a checkpoint (its model.pt and meta.json) whose weights are the mean of the newest `last`
+    step checkpoints of `run_dir` (weight averaging, as speaker toolkits do at the end of training).
+
+    Floating tensors are averaged; integer ones (BatchNorm's num_batches_tracked) come from the newest.
+    All must share the config's model section, the speakers and n_mels. Written atomically (a temporary
+    directory renamed into place); `out` must not exist yet.
+    """
+    found = step_checkpoints(checkpoint_dir(run_dir))
+    if last < 1 or len(found) < last:
+        raise SpkdistError(f"{run_dir}: {len(found)} step checkpoints, cannot average the last {last}")
+    chosen = found[-last:]
+    payloads = [load_model_file(path) for path in chosen]
+    newest = payloads[-1]
+    for path, payload in zip(chosen, payloads, strict=True):
+        same = (payload["config"]["model"], payload["speaker2id"], payload["n_mels"])
+        if same != (newest["config"]["model"], newest["speaker2id"], newest["n_mels"]):
+            raise SpkdistError(f"{path}: another model, speakers or n_mels than {chosen[-1]}; cannot average")
+    state_dict = {}
+    for name, tensor in newest["state_dict"].items():
+        if tensor.is_floating_point():
+            state_dict[name] = (
+                sum(p["state_dict"][name].double() for p in payloads).div(last).to(tensor.dtype)
+            )
+        else:
+            state_dict[name] = tensor
+    out = Path(out)
+    if out.exists():
+        raise SpkdistError(f"{out}: exists; choose a new directory for the averaged checkpoint")
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    meta = {key: value for key, value in newest.items() if key != "state_dict"}
+    meta["averaged_from"] = [path.name for path in chosen]
+    torch.save({**meta, "state_dict": state_dict}, partial / MODEL_FILE)
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(partial, out)
+    return out
+
+
 def load_model_file(path: str | Path) -> dict[str, Any]:
     """The contents of a checkpoint's model.pt (weights, config, speakers), loaded onto CPU."""
     checkpoint = resolve(path)

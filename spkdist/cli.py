@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import __version__, bench, infer, train
+from . import __version__, bench, checkpoint, infer, train
 from .argtypes import fraction, positive_float, positive_int
 from .config import CONFIG_DIR
 from .errors import BadInput, SpkdistError, exit_code
@@ -269,6 +269,20 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  {item['path']}: {item['reason']}")
 
 
+def add_average(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "average",
+        help="average the weights of a run's last checkpoints into a new checkpoint",
+        description="Write a checkpoint whose weights are the mean of the newest K step checkpoints of a "
+        "run (model.pt and meta.json, usable by evaluate and predict; not resumable).",
+        epilog="Example: spkdist average runs/boss --last 3 --out runs/boss/averaged",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="a run directory (holds checkpoints/)")
+    p.add_argument("--last", type=positive_int, default=3, metavar="K", help="checkpoints to average")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new checkpoint directory")
+    p.set_defaults(run=lambda args: print(f"wrote {checkpoint.average(args.run_dir, args.last, args.out)}"))
+
+
 def add_configs(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "configs",
@@ -310,6 +324,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     train.add_command,
     infer.add_evaluate,
     infer.add_predict,
+    add_average,
     add_configs,
     bench.add_command,
 ]

@@ -12,13 +12,16 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from torch import nn
 
 from .checkpoint import load_model_file
 from .config import config_from_dict, migrate_config
@@ -41,10 +44,46 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
     return model.eval(), payload
 
 
-def _prepare(checkpoint: str, shards: str, split: str, batch_size: int, num_workers: int):
+class PosteriorAverage(nn.Module):
+    """An ensemble: the log of the mean of its models' posteriors, as logits (B, n_speakers).
+
+    Its argmax is the ensemble's prediction and its cross-entropy the ensemble's loss; with one model
+    it is that model's log-softmax, so the same predictions and loss.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        log_posteriors = torch.stack(
+            [m(mels, lengths).float().log_softmax(-1) for m in self.models]
+        )  # (K, B, N)
+        return log_posteriors.logsumexp(dim=0) - math.log(len(self.models))  # (B, N)
+
+
+def load_ensemble(checkpoints: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """One checkpoint's model, or several as a `PosteriorAverage`; the first one's payload. Refuses
+    checkpoints whose speakers or n_mels differ from the first's, in one line naming it."""
+    models, first = [], None
+    for path in checkpoints:
+        model, payload = load_trained_model(path)
+        if first is not None and (payload["n_mels"], payload["speaker2id"]) != (
+            first["n_mels"],
+            first["speaker2id"],
+        ):
+            raise SpkdistError(
+                f"{path}: its speakers or n_mels differ from {checkpoints[0]}'s; an ensemble needs the same"
+            )
+        models.append(model)
+        first = first or payload
+    return (models[0] if len(models) == 1 else PosteriorAverage(models).eval()), first
+
+
+def _prepare(checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int):
     """Model and loader for this process; under `accelerate launch` each rank takes its share of the split."""
     index = load_index(shards)
-    model, payload = load_trained_model(checkpoint)
+    model, payload = load_ensemble([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     if index["n_mels"] != payload["n_mels"]:
         raise SpkdistError(
             f"{shards}: features have {index['n_mels']} mel bins, the model expects {payload['n_mels']}"
@@ -63,8 +102,11 @@ def _prepare(checkpoint: str, shards: str, split: str, batch_size: int, num_work
     return accelerator, model.to(accelerator.device), index, payload, loader
 
 
-def run_evaluate(checkpoint: str, shards: str, split: str, batch_size: int, num_workers: int) -> dict:
-    """Loss, accuracy and sample count of `checkpoint` on a labeled split (summed over all ranks)."""
+def run_evaluate(
+    checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int
+) -> dict:
+    """Loss, accuracy and sample count of `checkpoint` (or an ensemble of several) on a labeled split,
+    summed over all ranks."""
     try:
         accelerator, model, index, payload, loader = _prepare(
             checkpoint, shards, split, batch_size, num_workers
@@ -76,8 +118,11 @@ def run_evaluate(checkpoint: str, shards: str, split: str, batch_size: int, num_
         leave_process_group()
 
 
-def run_predict(checkpoint: str, shards: str, split: str, out: str, batch_size: int, num_workers: int) -> int:
-    """Write `Id,Category` rows (source path, predicted speaker) in the split's original order.
+def run_predict(
+    checkpoint: str | Sequence[str], shards: str, split: str, out: str, batch_size: int, num_workers: int
+) -> int:
+    """Write `Id,Category` rows (source path, predicted speaker) in the split's original order; several
+    checkpoints predict as an ensemble (their posteriors averaged).
 
     Under `accelerate launch` every rank predicts its share and rank 0 writes all rows.
     """
@@ -128,7 +173,10 @@ def _add_common(p: argparse.ArgumentParser, default_split: str) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a checkpoint directory (e.g. RUN/checkpoints/best) or a run directory (its best)",
+        nargs="+",
+        metavar="CKPT",
+        help="a checkpoint directory (e.g. RUN/checkpoints/best) or a run directory (its best); several: "
+        "an ensemble that averages their posteriors (same speakers and n_mels)",
     )
     p.add_argument("--shards", required=True, help="shard directory (or URL prefix) written by spkdist shard")
     p.add_argument("--split", default=default_split, help=f"split to use (default: {default_split})")

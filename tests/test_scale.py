@@ -55,7 +55,9 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tiny_shards, tmp_pa
     assert metrics["accuracy"] == ranks[0]["metrics"]["accuracy"]
 
 
-def node_command(rank: int, port: int, prefix: Path, shards: Path, run_dir: Path) -> list[str]:
+def node_command(
+    rank: int, port: int, prefix: Path, shards: Path, run_dir: Path, join_timeout: int = 30
+) -> list[str]:
     """One node's launch of a 2-node job on loopback, one process per node."""
     return [
         *LAUNCH,
@@ -75,7 +77,7 @@ def node_command(rank: int, port: int, prefix: Path, shards: Path, run_dir: Path
         "--dynamo_backend",
         "no",
         "--rdzv_conf",
-        "timeout=30",  # the launcher gives up on a node that never joins after 30 s (default: 600 s)
+        f"timeout={join_timeout}",  # the launcher gives up on a node that never joins (default: 600 s)
         *probe(prefix, "sample.yaml", small_overrides(shards, run_dir, steps=4)),
     ]
 
@@ -92,7 +94,8 @@ def test_two_nodes_on_loopback_form_one_world(tiny_shards, tmp_path):
 
 def test_a_node_that_never_joins_fails_within_the_timeout(tiny_shards, tmp_path):
     start = time.time()
-    node = start_group(node_command(0, free_port(), tmp_path / "probe", tiny_shards, tmp_path / "run"))
+    command = node_command(0, free_port(), tmp_path / "probe", tiny_shards, tmp_path / "run", join_timeout=10)
+    node = start_group(command)
     output = finish_groups([node], timeout=240)[0]
     assert node.returncode != 0
     assert time.time() - start < 120, output[-2000:]
