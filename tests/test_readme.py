@@ -33,6 +33,18 @@ COMMANDS = [
         "spkdist predict --checkpoint runs/boss --shards shards/hw4 --out predictions.csv",
         ["--num-workers", "0"],
     ),
+    (
+        "spkdist embed --checkpoint runs/boss --shards shards/hw4 --split valid --out emb.npz",
+        ["--num-workers", "0"],
+    ),
+    ("spkdist trials --shards shards/hw4 --split valid --out trials.txt", []),
+    (
+        "spkdist embed --checkpoint runs/boss --shards shards/hw4 --split train --per-speaker-mean "
+        "--out cohort.npz",
+        ["--num-workers", "0"],
+    ),
+    ("spkdist score --embeddings emb.npz --trials trials.txt --cohort cohort.npz", ["--top-n", "4"]),
+    ("spkdist average runs/boss --last 3 --out runs/boss/averaged", ["--last", "1"]),
     ("spkdist bench loader --scale 0.25", ["--scale", "0.01", "--workers", "1", "--repeats", "1"]),
     ("spkdist bench step --models sample boss", ["--steps", "1", "--warmup", "0", "--repeats", "1"]),
     ("spkdist bench recipes --steps 300", ["--steps", "2", "--recipes", "sample", "--workers", "0"]),
