@@ -138,6 +138,8 @@ def resolve(path: str | Path) -> Path:
 def average(run_dir: str | Path, last: int, out: str | Path) -> Path:
     """Write a checkpoint (its model.pt and meta.json) whose weights are the mean of the newest `last`
     step checkpoints of `run_dir` (weight averaging, as speaker toolkits do at the end of training).
+    Those are the newest finished step directories, which can include an older `best` kept by pruning;
+    meta.json's `averaged_from` names them. BatchNorm statistics are averaged too, not recomputed.
 
     Floating tensors are averaged; integer ones (BatchNorm's num_batches_tracked) come from the newest.
     All must share the config's model section, the speakers and n_mels. Written atomically (a temporary
@@ -168,7 +170,8 @@ def average(run_dir: str | Path, last: int, out: str | Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     meta = {key: value for key, value in newest.items() if key != "state_dict"}
-    meta["averaged_from"] = [path.name for path in chosen]
+    # the newest checkpoint's metrics were measured on other weights: these have none yet
+    meta |= {"metrics": {}, "metrics_step": -1, "averaged_from": [path.name for path in chosen]}
     torch.save({**meta, "state_dict": state_dict}, partial / MODEL_FILE)
     (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(partial, out)

@@ -279,14 +279,20 @@ def _section_name(section: Any) -> str:
 
 
 def resolve_config_path(name: str | Path) -> Path | Traversable:
-    """The config file for `name`: as given if it exists, else the shipped `<name>` (`.yaml` optional)."""
+    """The config file for `name`: as given if it exists; a bare name (`boss.yaml`, `.yaml` optional) is
+    also looked for in ./configs/ (where `spkdist configs --copy .` puts editable copies), then among
+    the shipped configs. A path with a directory is never replaced by a shipped file of the same name."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise SpkdistError(f"{name}: config file not found (looked in the working directory and {CONFIG_DIR})")
+    if path.name == str(name):
+        for folder in (Path("configs"), CONFIG_DIR):
+            for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    raise SpkdistError(
+        f"{name}: config file not found (a bare name is also looked for in ./configs and {CONFIG_DIR})"
+    )
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -307,6 +313,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if not isinstance(raw[section], dict):
             raise SpkdistError(f"{path}: section '{section}' must be a mapping")
         raw[section][name] = _parse_override_value(value)
+    model = raw.get("model")
+    if isinstance(model, dict) and "encoder" not in model and model.get("name") in ("strong", "boss"):
+        # before `model.encoder` existed the recipe name chose it: such a file would now silently build
+        # a Transformer
+        raise SpkdistError(
+            f"{path}: model.encoder is missing; add `encoder: conformer` (the recipe name no longer picks it)"
+        )
     return config_from_dict(raw, where=str(path))
 
 

@@ -1,8 +1,8 @@
 """Pictures for the W&B dashboard of a run, from one evaluation over all ranks' validation data.
 
-`EvalDetails` collects, during `spkdist.evaluation.evaluate`, the confusion counts of every speaker pair
-(summed over ranks) and the embeddings of a bounded sample of speakers (gathered from all ranks);
-`evaluation_panels` turns them into W&B objects, all bounded in size whatever the speaker count:
+`EvalDetails` collects, during `spkdist.evaluation.evaluate`, per-speaker counts (summed over ranks), the
+misclassified pairs and the embeddings of a bounded sample of speakers (gathered from all ranks);
+`evaluation_panels` turns them into W&B objects (one table row per speaker; the rest bounded):
 
     valid/per_speaker      table: speaker, utterances, correct, accuracy (worst first)
     valid/confused_pairs   table: the most confused speaker pairs and how often
@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,10 +28,14 @@ SAMPLE_PER_SPEAKER = 20  # utterances per sampled speaker and rank
 
 
 class EvalDetails:
-    """Confusion counts and an embedding sample of one evaluation; `reduce` combines all ranks."""
+    """Per-speaker counts, the misclassified (true, predicted) pairs and an embedding sample of one
+    evaluation; `reduce` combines all ranks. Memory and traffic grow with the speakers and the errors,
+    never with speakers squared (a 600 x 600 matrix is never built beyond MAX_MATRIX speakers)."""
 
     def __init__(self, n_speakers: int, device: torch.device) -> None:
-        self.confusion = torch.zeros(n_speakers, n_speakers, dtype=torch.int64, device=device)  # true, pred
+        self.totals = torch.zeros(n_speakers, dtype=torch.int64, device=device)
+        self.correct = torch.zeros(n_speakers, dtype=torch.int64, device=device)
+        self._errors: list[tuple[int, int]] = []
         self._taken = [0] * min(n_speakers, SAMPLE_SPEAKERS)
         self._embeddings: list[np.ndarray] = []
         self._labels: list[int] = []
@@ -37,7 +43,12 @@ class EvalDetails:
     def add(self, host_labels: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, emb) -> None:
         """One batch: its labels on the host (to choose the sample without a device read) and on the
         device, the predicted ids (B,) and the embeddings (B, D)."""
-        self.confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+        ones = torch.ones_like(labels)
+        self.totals.index_add_(0, labels, ones)
+        hit = predicted == labels
+        self.correct.index_add_(0, labels, hit.long())
+        wrong = (~hit).nonzero().squeeze(1)  # evaluation may read back: the errors go to the host
+        self._errors += zip(labels[wrong].tolist(), predicted[wrong].tolist(), strict=True)
         chosen = []
         for row, label in enumerate(host_labels.tolist()):
             if label < len(self._taken) and self._taken[label] < SAMPLE_PER_SPEAKER:
@@ -47,50 +58,66 @@ class EvalDetails:
         if chosen:
             self._embeddings.append(emb[chosen].float().cpu().numpy())
 
-    def reduce(self, accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(confusion (N, N), embeddings (M, D), labels (M,)) over all ranks. A collective."""
-        confusion = accelerator.reduce(self.confusion, reduction="sum").cpu().numpy()
-        mine = (np.concatenate(self._embeddings) if self._embeddings else None, self._labels)
+    def reduce(self, accelerator: Accelerator) -> Results:
+        """Everything over all ranks. A collective: every rank calls it."""
+        totals = accelerator.reduce(self.totals, reduction="sum").cpu().numpy()
+        correct = accelerator.reduce(self.correct, reduction="sum").cpu().numpy()
+        mine = (np.concatenate(self._embeddings) if self._embeddings else None, self._labels, self._errors)
         parts = [mine] if accelerator.num_processes == 1 else gather_object([mine])
-        embeddings = [e for e, _ in parts if e is not None]
-        labels = [label for _, rank_labels in parts for label in rank_labels]
-        stacked = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
-        return confusion, stacked, np.array(labels, dtype=np.int64)
+        embeddings = [e for e, _, _ in parts if e is not None]
+        return Results(
+            totals,
+            correct,
+            Counter(pair for _, _, errors in parts for pair in errors),
+            np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
+            np.array([label for _, labels, _ in parts for label in labels], dtype=np.int64),
+        )
 
 
-def evaluation_panels(
-    confusion: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, id2speaker: dict[int, str]
-) -> dict[str, Any]:
+@dataclass
+class Results:
+    """One evaluation's dashboard data, over all ranks."""
+
+    totals: np.ndarray  # (N,) utterances per speaker
+    correct: np.ndarray  # (N,) of them classified right
+    errors: Counter  # (true, predicted) -> count, the misclassifications
+    embeddings: np.ndarray  # (M, D) sampled embeddings
+    labels: np.ndarray  # (M,) their speakers
+
+
+def evaluation_panels(results: Results, id2speaker: dict[int, str]) -> dict[str, Any]:
     """W&B objects (tables, an image, a scatter plot) for one evaluation; see the module doc."""
     import wandb  # only runs with the wandb tracker get here
 
-    n = len(confusion)
+    n = len(results.totals)
     names = [id2speaker[i] for i in range(n)]
-    totals, correct = confusion.sum(axis=1), np.diag(confusion)
+    totals, correct = results.totals, results.correct
     rows = [
         [names[i], int(totals[i]), int(correct[i]), float(correct[i] / totals[i])]
-        for i in np.argsort(correct / np.maximum(totals, 1))
+        for i in np.argsort(correct / np.maximum(totals, 1), kind="stable")
         if totals[i] > 0
     ]
     panels: dict[str, Any] = {
         "valid/per_speaker": wandb.Table(columns=["speaker", "utterances", "correct", "accuracy"], data=rows)
     }
-    pairs = np.triu(confusion + confusion.T, k=1)  # a->b and b->a together
-    top = [divmod(int(k), n) for k in np.argsort(pairs, axis=None)[::-1][:TOP_PAIRS]]
+    pairs = Counter()
+    for (true, predicted), count in results.errors.items():
+        pairs[min(true, predicted), max(true, predicted)] += count  # a->b and b->a together
     panels["valid/confused_pairs"] = wandb.Table(
         columns=["speaker_a", "speaker_b", "confusions"],
-        data=[[names[a], names[b], int(pairs[a, b])] for a, b in top if pairs[a, b] > 0],
+        data=[[names[a], names[b], count] for (a, b), count in pairs.most_common(TOP_PAIRS)],
     )
     if n <= MAX_MATRIX:
+        confusion = np.diag(correct).astype(np.int64)
+        for (true, predicted), count in results.errors.items():
+            confusion[true, predicted] += count
         panels["valid/confusion"] = wandb.Image(
             confusion_image(confusion), caption="rows: true speaker, columns: predicted (row-normalised)"
         )
-    if len(embeddings) >= 3:
-        xy = pca_2d(embeddings)
-        table = wandb.Table(
-            columns=["x", "y", "speaker"],
-            data=[[float(x), float(y), names[s]] for (x, y), s in zip(xy, labels, strict=True)],
-        )
+    if len(results.embeddings) >= 3:
+        xy = pca_2d(results.embeddings)
+        points = [[float(x), float(y), names[s]] for (x, y), s in zip(xy, results.labels, strict=True)]
+        table = wandb.Table(columns=["x", "y", "speaker"], data=points)
         panels["valid/embeddings"] = table
         panels["valid/embeddings_scatter"] = wandb.plot.scatter(table, "x", "y", title="embeddings (PCA)")
     return panels

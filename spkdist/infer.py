@@ -23,6 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import nn
 
+from .argtypes import nonnegative_int, positive_int
 from .checkpoint import load_model_file
 from .config import config_from_dict, migrate_config
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT, leave_process_group, make_accelerator
@@ -180,8 +181,10 @@ def _add_common(p: argparse.ArgumentParser, default_split: str) -> None:
     )
     p.add_argument("--shards", required=True, help="shard directory (or URL prefix) written by spkdist shard")
     p.add_argument("--split", default=default_split, help=f"split to use (default: {default_split})")
-    p.add_argument("--batch-size", type=int, default=64, help="utterances per batch (default: 64)")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="utterances per batch (default: 64)")
+    p.add_argument(
+        "--num-workers", type=nonnegative_int, default=2, help="data loader worker processes (default: 2)"
+    )
 
 
 def _evaluate_and_report(args: argparse.Namespace) -> None:

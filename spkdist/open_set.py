@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from .argtypes import positive_int
+from .argtypes import nonnegative_int, positive_int
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT, leave_process_group, make_accelerator
 from .errors import SpkdistError
 from .fsutil import atomic_write_bytes
@@ -130,7 +130,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="valid", help="split to embed")
     p.add_argument("--out", required=True, help=".npz file to write (atomically)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="utterances per batch")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="data loader worker processes")
     p.add_argument(
         "--per-speaker-mean",
         action="store_true",

@@ -14,14 +14,12 @@ accepts (`pipe:cat /mnt/shared/shards`, `https://host/shards`) or a template wit
 (`pipe:aws s3 cp s3://b/shards/{name} -`; see `spkdist.shard_format.shard_url`), so shards can live on
 shared or object storage.
 
-Speed: per-sample Python work limits a loader of many short utterances, so the hot path avoids tarfile's
-member objects, webdataset's generic decoders and per-sample tensors. It parses the 512-byte tar headers
-itself, reads each member together with the next header in one call, views the .npy payload with
-`np.frombuffer` after a cached regex over its header, copies only the crop, and pads each batch into one
-preallocated array. Past that, the cost is the hand-over from worker to main process, paid per message
-and per storage: a training worker sends bundles of 8 batches whose tensors all share one storage
-(`collate`). Batches are float32, converted from the stored float16 in the worker (float16 batches would
-move half the bytes: ~18% more samples/s, measured before bundling; not worth a second dtype contract).
+Speed: shards are read by `spkdist.shard_format`'s reader (no tarfile objects, no per-sample tensors);
+here only the crop is copied and each batch is padded into one preallocated array. Past that, the cost
+is the hand-over from worker to main process, paid per message and per storage: a training worker
+sends bundles of 8 batches whose tensors all share one storage (`collate`). Batches are float32,
+converted from the stored float16 in the worker (float16 batches would move half the bytes: ~18% more
+samples/s, measured before bundling; not worth a second dtype contract).
 
 Distributed use: rank and world size are passed in explicitly (`accelerator.process_index`,
 `accelerator.num_processes`), nothing is read from the environment. The loaders must NOT go through
@@ -255,7 +253,8 @@ class SpecAugment:
 
 
 def spec_augment(utterances: Iterable[Sample], settings: SpecAugment, rng: random.Random) -> Iterator[Sample]:
-    """Masked copies of training crops: each mask sets its frames (or bins) to the crop's mean value.
+    """Masked copies of training crops: a time mask sets its frames to the crop's per-bin means, a
+    frequency mask its bins to the crop's mean, so masked values stay typical of the crop.
 
     Runs after the crop and before batching, so only real frames exist (padding comes in `collate`)
     and no mask falls on padding; never at evaluation. Widths are drawn in [0, max], positions
@@ -264,15 +263,15 @@ def spec_augment(utterances: Iterable[Sample], settings: SpecAugment, rng: rando
     for utt in utterances:
         mels = np.array(utt.mels)  # a writable copy: an uncropped utterance is a view of the shard
         frames, bins = mels.shape
-        fill = mels.mean(dtype=np.float32)
+        bin_means = mels.mean(axis=0, dtype=np.float32)  # (n_mels,)
         for _ in range(settings.time_masks):
             width = rng.randint(0, min(settings.time_width, frames))
             start = rng.randrange(frames - width + 1)
-            mels[start : start + width, :] = fill  # frames [start, start + width)
+            mels[start : start + width, :] = bin_means  # frames [start, start + width)
         for _ in range(settings.freq_masks):
             width = rng.randint(0, min(settings.freq_width, bins))
             start = rng.randrange(bins - width + 1)
-            mels[:, start : start + width] = fill  # mel bins [start, start + width)
+            mels[:, start : start + width] = bin_means.mean()  # mel bins [start, start + width)
         yield utt._replace(mels=mels)
 
 

@@ -48,7 +48,9 @@ def write_shards(
                 writer.write(encode_sample(key, feats, meta))
                 frames[split] += len(feats)
         shards[split] = writer.shards
-    write_index(out, build_index(shards, frames, speaker2id, features, source or {}, [], {}))
+    features = {"kind": "test", "dtype": "float16", **features}
+    source = {"format": "test", "path": str(out), "fingerprint": "test", **(source or {})}
+    write_index(out, build_index(shards, frames, speaker2id, features, source, [], {}))
     return out
 
 

@@ -4,22 +4,33 @@ environment's packages, so torch is not downloaded again."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from helpers import REPO, cli_env
 
 
 def test_a_wheel_install_trains_from_outside_the_clone(tmp_path):
-    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work"
+    wheels, venv, work, source = (tmp_path / name for name in ("wheels", "venv", "work", "source"))
+    # build from the tracked files only: a stale build/ of the clone must not leak into the wheel
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        if not (REPO / name).is_symlink():
+            shutil.copy2(REPO / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
-    subprocess.run([*build, str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300
     )
     python, spkdist = venv / "bin" / "python", venv / "bin" / "spkdist"
     [wheel] = wheels.glob("spkdist-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for data in ("configs/boss.yaml", "configs/accelerate/ds_zero3.json", "demo/fsdd-recordings.tar.gz"):
+        assert f"spkdist/{data}" in shipped, data
     pip = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)]
     subprocess.run(pip, check=True, capture_output=True, timeout=300)
     work.mkdir()

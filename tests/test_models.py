@@ -1,6 +1,7 @@
 """Models: config validation, registry, shapes, masked pooling, padding invariance, AM-softmax math."""
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_no_code_restates_a_recipe():
             value = getattr(recipe(name), field.name)
             if field.name == "name" or value == getattr(defaults, field.name):
                 continue
-            pattern = rf"\b{field.name}\s*[=:]\s*{re.escape(repr(value))}(?![\w.])"
+            spelled = re.escape(json.dumps(value) if isinstance(value, str) else repr(value))  # "conformer"
+            pattern = rf"\b{field.name}\s*[=:]\s*{spelled}(?![\w.])"
             assert not re.search(pattern, source), f"{name}: model.{field.name}={value!r} restated in code"
 
 
@@ -81,8 +83,8 @@ def test_config_takes_every_field_from_a_yaml_section():
     ("change", "message"),
     [
         ({"encoder": "lstm"}, "model.encoder: expected one of transformer, conformer, got 'lstm'"),
-        ({"pooling": "max"}, "model.pooling: expected one of mean, attention, got 'max'"),
-        ({"head": "arcface"}, "model.head: expected one of linear, am_softmax, got 'arcface'"),
+        ({"pooling": "max"}, "model.pooling: expected one of mean, attention, attentive_stats, got 'max'"),
+        ({"head": "arcface"}, "model.head: expected one of linear, am_softmax, aam_softmax, got 'arcface'"),
         ({"d_model": 0}, "model.d_model must be > 0, got 0"),
         ({"n_layers": -1}, "model.n_layers must be > 0, got -1"),
         ({"ffn_dim": 2.5}, "model.ffn_dim: expected int, got 2.5"),

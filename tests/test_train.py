@@ -204,7 +204,7 @@ def test_a_nonfinite_step_changes_nothing(tiny_shards, tmp_path):
     poisoned.mels[0, 0, 0] = float("nan")  # a real frame: the loss and every gradient become NaN
     job.train_batches = iter([poisoned])
     train.train_step(job, meter, health)
-    assert health.skipped_steps() == 1
+    assert int(health.skipped) == 1
     after_weights, after_moments, after_lr = snapshot()
     assert after_lr == lr and lr > 0
     for name, value in weights.items():
@@ -215,7 +215,7 @@ def test_a_nonfinite_step_changes_nothing(tiny_shards, tmp_path):
 
     job.train_batches = finite_batches
     train.train_step(job, meter, health)  # the next finite step trains and advances the schedule
-    assert health.skipped_steps() == 1 and job.schedule.last_lr() != lr
+    assert int(health.skipped) == 1 and job.schedule.last_lr() != lr
     assert not torch.equal(job.model.state_dict()["head.weight"], weights["head.weight"])
 
 
@@ -339,6 +339,10 @@ def test_tensorboard_event_files_hold_the_scalars(tiny_shards, tmp_path):
         assert key in scalars, key
     assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in accumulator.Scalars("valid/accuracy")] == [4]
+    # the config went in as hparams (nested values flattened): TensorBoard refused it before
+    [hparams] = [path.parent for path in events.rglob("events.out.tfevents.*") if path.parent != events]
+    plugins = EventAccumulator(str(hparams)).Reload().PluginTagToContent("hparams")
+    assert b"optim.betas" in b"".join(plugins.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import train
+from ..argtypes import nonnegative_int, positive_int
 from ..config import RECIPES, load_config
 from ..errors import SpkdistError, child_error
 from .step import bare_loop, make_batches, time_steps
@@ -45,15 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to time"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
-    parser.add_argument("--segment-len", type=int, default=128, help="frames per training crop")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps of each loop")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation included)")
-    parser.add_argument("--workers", type=int, default=4, help="data loader workers of our loop")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="utterances per batch")
+    parser.add_argument("--segment-len", type=positive_int, default=128, help="frames per training crop")
+    parser.add_argument("--steps", type=positive_int, default=100, help="timed steps of each loop")
+    parser.add_argument(
+        "--warmup", type=nonnegative_int, default=20, help="untimed steps first (compilation included)"
+    )
+    parser.add_argument("--workers", type=nonnegative_int, default=4, help="data loader workers of our loop")
     parser.add_argument(
         "--scale", type=float, default=0.1, help="size of the synthetic set, as a share of HW4"
     )
-    parser.add_argument("--schedule-steps", type=int, default=70_000, help="steps of the projected schedule")
+    parser.add_argument(
+        "--schedule-steps", type=positive_int, default=70_000, help="steps of the projected schedule"
+    )
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)  # set for the per-setting process
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
 

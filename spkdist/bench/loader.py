@@ -48,16 +48,16 @@ EXAMPLE = "spkdist bench loader --scale 0.25 --cold"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of HW4's 64,666 utterances")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of each loader")
-    parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
-    parser.add_argument("--segment-len", type=int, default=128, help="frames per random crop")
+    parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of each loader")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="utterances per batch")
+    parser.add_argument("--segment-len", type=positive_int, default=128, help="frames per random crop")
     parser.add_argument(
         "--batches",
         type=positive_int,
         help=f"timed batches per run (default: {MAX_BATCHES}, or as many as one epoch of the set allows)",
     )
     parser.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed batches before timing")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each loader per cache state")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="runs of each loader per cache state")
     parser.add_argument("--cold", action="store_true", help="also time with a dropped page cache (root)")
     parser.add_argument(
         "--shard-mb", type=float, default=ShardOptions.max_shard_mb, help="shard size cap of the set"

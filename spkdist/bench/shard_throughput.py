@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import positive_int
 from ..errors import BadInput, SpkdistError
 from ..shard_format import verify
 from ..shard_run import ShardOptions, shard
@@ -32,10 +33,13 @@ EXAMPLE = "spkdist bench shard --scale 0.25"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of HW4's 64,666 utterances")
-    parser.add_argument("--workers", type=int, default=2, help="shard worker processes")
+    parser.add_argument("--workers", type=positive_int, default=2, help="shard worker processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the shard run")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="alternating timings of tar and shard; the fastest count"
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="alternating timings of tar and shard; the fastest count",
     )
     parser.add_argument(
         "--dir", type=Path, help="where to put the temporary data (default: the system temp directory)"

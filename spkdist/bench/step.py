@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from ..argtypes import nonnegative_int, positive_int
 from ..config import RECIPES, load_config
 from ..distributed import DEFAULT_COLLECTIVE_TIMEOUT, make_accelerator
 from ..models import build_model
@@ -47,11 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         help="recipes to time (configs/<name>.yaml)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
-    parser.add_argument("--segment-len", type=int, default=128, help="frames per utterance")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating timings of each loop")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="utterances per batch")
+    parser.add_argument("--segment-len", type=positive_int, default=128, help="frames per utterance")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps before each timing")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternating timings of each loop")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
 
 

@@ -72,6 +72,6 @@ class AAMSoftmaxHead(MarginHead):
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         m = self.margin_now
-        sin = (1.0 - cos * cos).clamp(min=0.0).sqrt()
+        sin = (1.0 - cos * cos).clamp(min=1e-7).sqrt()  # not 0: sqrt's gradient there is infinite
         shifted = cos * torch.cos(m) - sin * torch.sin(m)  # cos(theta + m)
         return torch.where(cos > torch.cos(math.pi - m), shifted, cos - m * torch.sin(m))
