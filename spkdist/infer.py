@@ -81,7 +81,9 @@ def load_ensemble(checkpoints: Sequence[str]) -> tuple[nn.Module, dict[str, Any]
     return (models[0] if len(models) == 1 else PosteriorAverage(models).eval()), first
 
 
-def _prepare(checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int):
+def prepare_inference(
+    checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int
+):
     """Model and loader for this process; under `accelerate launch` each rank takes its share of the split."""
     index = load_index(shards)
     model, payload = load_ensemble([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
@@ -109,7 +111,7 @@ def run_evaluate(
     """Loss, accuracy and sample count of `checkpoint` (or an ensemble of several) on a labeled split,
     summed over all ranks."""
     try:
-        accelerator, model, index, payload, loader = _prepare(
+        accelerator, model, index, payload, loader = prepare_inference(
             checkpoint, shards, split, batch_size, num_workers
         )
         if index["speaker2id"] != payload["speaker2id"]:
@@ -128,7 +130,9 @@ def run_predict(
     Under `accelerate launch` every rank predicts its share and rank 0 writes all rows.
     """
     try:
-        accelerator, model, _, payload, loader = _prepare(checkpoint, shards, split, batch_size, num_workers)
+        accelerator, model, _, payload, loader = prepare_inference(
+            checkpoint, shards, split, batch_size, num_workers
+        )
         id2speaker = {i: name for name, i in payload["speaker2id"].items()}
         rows = predict(model, loader, accelerator.device)
         if accelerator.num_processes > 1:

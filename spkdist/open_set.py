@@ -14,12 +14,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from .argtypes import nonnegative_int, positive_int
-from .distributed import DEFAULT_COLLECTIVE_TIMEOUT, leave_process_group, make_accelerator
+from .distributed import leave_process_group
 from .errors import SpkdistError
 from .fsutil import atomic_write_bytes
-from .infer import load_trained_model
+from .infer import prepare_inference
 from .shard_format import decode_sample, load_index, read_tar_samples, shard_urls
-from .stream import eval_loader
 from .verification import (
     Embeddings,
     asnorm,
@@ -45,23 +44,11 @@ def run_embed(
     """Write one L2-normalised embedding per utterance of `split` (whole utterances, batched by length),
     or with `per_speaker_mean` each speaker's mean (a cohort for AS-norm); under `accelerate launch` the
     ranks share the split and rank 0 writes. Returns the number of utterances embedded."""
-    index = load_index(shards)
-    model, payload = load_trained_model(checkpoint)
-    if index["n_mels"] != payload["n_mels"]:
-        raise SpkdistError(f"{shards}: {index['n_mels']} mel bins, the model expects {payload['n_mels']}")
-    id2speaker = {i: name for name, i in index["speaker2id"].items()}
     try:
-        accelerator = make_accelerator(DEFAULT_COLLECTIVE_TIMEOUT)
-        model = model.to(accelerator.device)
-        loader = eval_loader(
-            shards,
-            index,
-            split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
+        accelerator, model, index, _, loader = prepare_inference(
+            checkpoint, shards, split, batch_size, num_workers
         )
+        id2speaker = {i: name for name, i in index["speaker2id"].items()}
         rows = []
         for batch in loader:
             labels = batch.labels.tolist()

@@ -158,13 +158,7 @@ def setup(cfg: Config) -> Job:
     optimizer = make_optimizer(model, cfg)
     fill_deepspeed_config(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    schedule = WarmupCosine(
-        optimizer,
-        cfg.optim.lr,
-        cfg.optim.warmup(cfg.train.max_steps),
-        cfg.train.max_steps,
-        accelerator.device,
-    )
+    schedule = make_schedule(optimizer, cfg, accelerator.device)
     state = TrainState()
     accelerator.register_for_checkpointing(state, schedule)
     resume_dir = checkpoint.find_resume_dir(out, cfg.train.resume) if cfg.train.resume else None
@@ -428,6 +422,12 @@ def fill_deepspeed_config(accelerator: Accelerator, cfg: Config) -> None:
             ds[key] = value
     if ds.get("train_batch_size", "auto") == "auto":
         ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device) -> WarmupCosine:
+    """The run's learning-rate schedule: warmup (in steps, or a share of train.max_steps), then cosine."""
+    warmup = cfg.optim.warmup(cfg.train.max_steps)
+    return WarmupCosine(optimizer, cfg.optim.lr, warmup, cfg.train.max_steps, device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:

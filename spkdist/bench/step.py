@@ -31,9 +31,8 @@ from ..argtypes import nonnegative_int, positive_int
 from ..config import RECIPES, load_config
 from ..distributed import DEFAULT_COLLECTIVE_TIMEOUT, make_accelerator
 from ..models import build_model
-from ..schedules import WarmupCosine
 from ..stream import Batch
-from ..train import Job, Meter, StepHealth, TrainState, make_optimizer, train_step
+from ..train import Job, Meter, StepHealth, TrainState, make_optimizer, make_schedule, train_step
 
 N_SPEAKERS, N_MELS = 600, 40  # HW4-shaped
 
@@ -118,13 +117,7 @@ def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
     """`train_step` exactly as `spkdist.train.fit` calls it (a Job holding only what a step uses)."""
     model = build_model(cfg.model, N_MELS, N_SPEAKERS)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
-    schedule = WarmupCosine(
-        optimizer,
-        cfg.optim.lr,
-        cfg.optim.warmup(cfg.train.max_steps),
-        cfg.train.max_steps,
-        accelerator.device,
-    )
+    schedule = make_schedule(optimizer, cfg, accelerator.device)
     model.train()
     job = Job(
         cfg=cfg,
