@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from spkdist.cli import main
 from spkdist.config import CONFIG_DIR, RECIPES, config_from_dict, dump_config, load_config
 from spkdist.errors import SpkdistError
 
@@ -27,10 +28,23 @@ def test_recipe_architectures_follow_the_homework():
 
 
 def test_bare_name_resolves_to_configs_dir(tmp_path, monkeypatch):
+    """A file in the working directory, else ./configs/ (copies to edit), else the shipped configs."""
     monkeypatch.chdir(tmp_path)
     assert load_config("boss.yaml").model.name == "boss"
+    assert main(["configs", "--copy", "."]) == 0
+    (tmp_path / "configs" / "boss.yaml").write_text("model: {name: edited, d_model: 64, n_heads: 2}\n")
+    assert load_config("boss").model.name == "edited"  # the copy in ./configs, .yaml optional
     (tmp_path / "boss.yaml").write_text("model: {name: sample, d_model: 80, n_heads: 2, n_layers: 1}\n")
     assert load_config("boss.yaml").model.name == "sample"  # a file in the working dir wins
+    with pytest.raises(SpkdistError, match="config file not found"):
+        load_config("elsewhere/sample.yaml")  # a path is never swapped for a shipped file
+
+
+def test_old_conformer_configs_without_an_encoder_are_refused(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model: {name: boss, d_model: 64, n_heads: 2}\n")
+    with pytest.raises(SpkdistError, match=r"model\.encoder is missing; add `encoder: conformer`"):
+        load_config(old)
 
 
 def test_overrides_are_typed_from_yaml():
@@ -85,13 +99,14 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
-def test_train_script_reports_config_errors_without_traceback():
+def test_train_script_reports_config_errors_without_traceback(tmp_path):
     script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
-    result = subprocess.run(
+    result = subprocess.run(  # from a directory without configs/: the shipped boss.yaml
         [sys.executable, str(script), "--config", "boss.yaml", "train.max_steps=-1"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert (
