@@ -172,6 +172,11 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def reason(self) -> str:
+        """Why the ranks agreed to stop, as told to this rank: its own signal, or another rank's."""
+        return self.signal_name or "a signal on another rank"
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt

@@ -233,10 +233,9 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
     metrics: dict[str, float] = {}
     metrics_step = -1  # the step `metrics` were measured at, stored beside them in checkpoints
     if any_rank(accelerator, stop.requested):  # a signal during start-up: nothing new to save
-        stopped_by = stop.signal_name or "a signal on another rank"
-        accelerator.print(f"{stopped_by} during start-up: stopped at step {state.step}, nothing saved")
+        accelerator.print(f"{stop.reason} during start-up: stopped at step {state.step}, nothing saved")
         accelerator.end_training()
-        return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
+        return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stop.reason)
     vote = StopVote(accelerator, cfg.train.collective_timeout)
     stopping = False
     head = accelerator.unwrap_model(job.model).head
@@ -261,8 +260,16 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
             state.step += 1
             progress.update(1)
 
-            if state.step % cfg.train.log_every == 0:  # the only host reads of a training step
+            stopping = vote.poll(stop.requested)
+            at_end = state.step == cfg.train.max_steps
+            improved = False
+            logging = state.step % cfg.train.log_every == 0
+            # a stopping job saves at once: a pre-emption's grace period may not cover an evaluation
+            evaluating = (state.step % cfg.train.eval_every == 0 or at_end) and not stopping
+            saving = state.step % cfg.train.save_every == 0 or at_end or stopping
+            if logging or evaluating or saving:  # the only steps that read from the device
                 state.skipped_steps = health.check(cfg.train.max_nonfinite, state.step)
+            if logging:
                 log = meter.flush(accelerator) | {
                     "train/lr": job.schedule.last_lr(),
                     "train/grad_norm": health.last_norm(),
@@ -276,14 +283,7 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 accelerator.log(log, step=state.step)
                 progress.set_postfix(loss=f"{log['train/loss']:.3f}", acc=f"{log['train/accuracy']:.3f}")
 
-            stopping = vote.poll(stop.requested)
-            at_end = state.step == cfg.train.max_steps
-            improved = False
-            # a stopping job saves at once: a pre-emption's grace period may not cover an evaluation
-            evaluating = (state.step % cfg.train.eval_every == 0 or at_end) and not stopping
-            saving = state.step % cfg.train.save_every == 0 or at_end or stopping
-            if evaluating or saving:  # these steps read from the device anyway: check the streak too
-                state.skipped_steps = health.check(cfg.train.max_nonfinite, state.step)
+            if evaluating or saving:
                 sync_buffers(accelerator, job.model)
             if evaluating:
                 metrics, metrics_step = validate(job), state.step
@@ -309,7 +309,7 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 say(f"saved {path}")
             if stopping:
                 say(
-                    f"{stop.signal_name or 'a signal on another rank'}: stopped at step {state.step}, "
+                    f"{stop.reason}: stopped at step {state.step}, "
                     f"checkpoint in {job.out}/checkpoints; resume with the same command plus "
                     "`train.resume=latest`"
                 )
@@ -318,8 +318,9 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
     if accelerator.is_main_process:
         report_outputs(accelerator, cfg, job.out, state)
     accelerator.end_training()
-    stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
-    return TrainResult(state.step, metrics, accelerator.unwrap_model(job.model), stopped_by)
+    return TrainResult(
+        state.step, metrics, accelerator.unwrap_model(job.model), stop.reason if stopping else None
+    )
 
 
 def margin_at(cfg: Config, step: int) -> float:
