@@ -131,6 +131,13 @@ def add_shard(commands: argparse._SubParsersAction) -> None:
         "carved (unless the input has test)",
     )
     p.add_argument(
+        "--heldout-speakers",
+        metavar="F|FILE",
+        help="keep speakers out of training for verification: a share F of them (seeded), or the names "
+        "in FILE (one per line); all their utterances go to a labeled split `heldout`, and the classifier's "
+        "speaker ids cover the other speakers only",
+    )
+    p.add_argument(
         "--seed", type=int, default=ShardOptions.seed, metavar="S", help="seed of split and shuffle"
     )
     p.add_argument(
@@ -186,16 +193,52 @@ def run_shard(args: argparse.Namespace) -> None:
         default_samples = DEMO_SHARD_SAMPLES if args.demo else ShardOptions.max_shard_samples
         if args.valid_fraction + args.test_fraction >= 1:
             raise SpkdistError("--valid-fraction and --test-fraction must leave room for a train split")
+        heldout_fraction, heldout_names = _heldout_speakers(args.heldout_speakers, corpus)
         options = ShardOptions(
             workers=args.workers,
             valid_fraction=args.valid_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed,
+            heldout_fraction=heldout_fraction,
+            heldout_names=heldout_names,
             dtype=args.dtype,
             max_shard_samples=default_samples if args.shard_samples is None else args.shard_samples,
             max_shard_mb=args.shard_mb,
         )
         print(shard(corpus, corpus.precomputed or log_mel, out, options, bad))
+
+
+def _heldout_speakers(value: str | None, corpus: Corpus) -> tuple[float, tuple[str, ...]]:
+    """`--heldout-speakers F|FILE` as (fraction, names): a number in (0, 1), or a file of speaker names
+    (one per line; blank lines and `#` comments skipped), each checked against the corpus."""
+    if value is None:
+        return 0.0, ()
+    try:
+        share = float(value)
+    except ValueError:
+        share = None
+    if share is not None and not Path(value).exists():
+        if not 0 < share < 1:
+            raise SpkdistError(f"--heldout-speakers {value}: a share of the speakers must be in (0, 1)")
+        return share, ()
+    path = Path(value)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpkdistError(f"{path}: cannot read the held-out speaker list ({e})") from None
+    names = []
+    for number, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if name not in corpus.speaker2id:
+            raise SpkdistError(f"{path}:{number}: speaker {name!r} is not in the corpus")
+        if name in names:
+            raise SpkdistError(f"{path}:{number}: speaker {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise SpkdistError(f"{path}: lists no speakers")
+    return 0.0, tuple(names)
 
 
 def _read_corpus(args: argparse.Namespace, bad: BadInput) -> Corpus:
@@ -256,7 +299,9 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(f"{args.dir}: {index['format']} v{index['format_version']}, by spkdist {index['tool_version']}")
     print(f"source:   {source['format']} {source['path']} (fingerprint {source['fingerprint'][:16]})")
     print(f"features: {features['kind']}, {features['n_mels']} mel bins, {features['dtype']}; {settings}")
-    print(f"speakers: {len(speakers)} ({', '.join(speakers[:6])}{', ...' if len(speakers) > 6 else ''})")
+    print(f"speakers: {len(speakers)} ({_first_names(speakers)})")
+    if heldout := index["heldout_speakers"]:
+        print(f"heldout:  {len(heldout)} speakers ({_first_names(heldout)})")
     print(f"{'split':<8}{'samples':>10}{'frames':>14}{'shards':>8}{'MB':>10}")
     for split, info in index["splits"].items():
         megabytes = sum(s["bytes"] for s in info["shards"]) / 1e6
@@ -267,6 +312,10 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(f"skipped:  {len(index['skipped'])} bad items")
     for item in index["skipped"]:
         print(f"  {item['path']}: {item['reason']}")
+
+
+def _first_names(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def add_average(commands: argparse._SubParsersAction) -> None:

@@ -219,10 +219,16 @@ class TrainConfig:
         "default"
     )
     """torch.compile mode, when train.compile is on."""
+    eval_verification: bool = False
+    """At each evaluation also embed the shards' `heldout` split (speakers never trained on; made by
+    `spkdist shard --heldout-speakers`) and log valid/eer and valid/min_dcf (P_target 0.01) of cosine
+    scores on a fixed, seeded trial list."""
+    verification_trials: int = 2000
+    """Target trials and as many non-target trials in that list (train.seed seeds it)."""
 
     def validate(self) -> None:
         _positive(self, "max_steps", "grad_accum", "eval_every", "save_every", "keep_last", "log_every")
-        _positive(self, "max_nonfinite", "collective_timeout")
+        _positive(self, "max_nonfinite", "collective_timeout", "verification_trials")
         if self.clip_grad_norm < 0:
             raise ValueError(f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
         if self.margin_warmup is not None and not 0 <= self.margin_warmup[0] < self.margin_warmup[1]:

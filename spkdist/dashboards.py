@@ -8,6 +8,10 @@ misclassified pairs and the embeddings of a bounded sample of speakers (gathered
     valid/confused_pairs   table: the most confused speaker pairs and how often
     valid/confusion        image: the row-normalised confusion matrix, only for <= MAX_MATRIX speakers
     valid/embeddings       table + scatter: a 2-D PCA projection of sampled embeddings, by speaker
+
+and with train.eval_verification (`score_histograms`), the held-out speakers' trial scores:
+
+    valid/target_scores, valid/nontarget_scores   histograms of the cosine scores of each kind of trial
 """
 
 from __future__ import annotations
@@ -121,6 +125,16 @@ def evaluation_panels(results: Results, id2speaker: dict[int, str]) -> dict[str,
         panels["valid/embeddings"] = table
         panels["valid/embeddings_scatter"] = wandb.plot.scatter(table, "x", "y", title="embeddings (PCA)")
     return panels
+
+
+def score_histograms(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """W&B histograms of the target and the non-target trials' scores (on one dashboard panel each)."""
+    import wandb
+
+    return {
+        "valid/target_scores": wandb.Histogram(scores[labels == 1]),
+        "valid/nontarget_scores": wandb.Histogram(scores[labels == 0]),
+    }
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .dashboards import EvalDetails
 from .errors import SpkdistError
+
+
+def idle_input(n_mels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-frame dummy utterance (mels (1, 1, n_mels), lengths (1,)) for ZeRO-3 idle passes."""
+    return torch.zeros(1, 1, n_mels, device=device), torch.ones(1, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -43,9 +49,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=dtype, device=device)  # loss sum, correct, count
     for batch in batches:
         if batch is None:
-            model(
-                torch.zeros(1, 1, idle_n_mels, device=device), torch.ones(1, dtype=torch.long, device=device)
-            )
+            model(*idle_input(idle_n_mels, device))
             continue
         host_labels = batch.labels
         batch = batch.to(device)
@@ -65,6 +69,29 @@ def evaluate(
     if count == 0:
         raise SpkdistError("the evaluation split is empty")
     return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
+
+
+@torch.no_grad()
+def embed(
+    model: torch.nn.Module, batches: Iterable, device: torch.device, idle_n_mels: int | None = None
+) -> list[tuple[str, str, np.ndarray]]:
+    """(key, speaker name or '', L2-normalised embedding (D,)) per utterance of this rank's batches.
+
+    `model` is unwrapped (see `evaluate`); None items of `batches` are ZeRO-3 idle passes, as there.
+    """
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch in batches:
+        if batch is None:
+            model.embed(*idle_input(idle_n_mels, device))
+            continue
+        names = [name or "" for name in batch.speakers]
+        batch = batch.to(device)
+        vectors = F.normalize(model.embed(batch.mels, batch.lengths).float(), dim=1)  # (B, D)
+        rows += zip(batch.keys, names, vectors.cpu().numpy(), strict=True)
+    model.train(was_training)
+    return rows
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .errors import SpkdistError
 from .evaluation import evaluate, predict
 from .fsutil import atomic_write_bytes
 from .models import build_model
-from .shard_format import load_index
+from .shard_format import HELDOUT, load_index
 from .stream import eval_loader
 
 
@@ -105,11 +105,21 @@ def prepare_inference(
     return accelerator, model.to(accelerator.device), index, payload, loader
 
 
+def check_classifier_split(shards: str, split: str) -> None:
+    """Evaluate and predict classify: the held-out speakers are no class of the model."""
+    if split == HELDOUT:
+        raise SpkdistError(
+            f"{shards}: the {HELDOUT} split's speakers are not classes of the model; "
+            "use spkdist embed and spkdist score for them"
+        )
+
+
 def run_evaluate(
     checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int
 ) -> dict:
     """Loss, accuracy and sample count of `checkpoint` (or an ensemble of several) on a labeled split,
     summed over all ranks."""
+    check_classifier_split(shards, split)
     try:
         accelerator, model, index, payload, loader = prepare_inference(
             checkpoint, shards, split, batch_size, num_workers
@@ -129,6 +139,7 @@ def run_predict(
 
     Under `accelerate launch` every rank predicts its share and rank 0 writes all rows.
     """
+    check_classifier_split(shards, split)
     try:
         accelerator, model, _, payload, loader = prepare_inference(
             checkpoint, shards, split, batch_size, num_workers

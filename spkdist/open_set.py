@@ -8,17 +8,16 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from .argtypes import nonnegative_int, positive_int
 from .distributed import leave_process_group
-from .errors import SpkdistError
+from .evaluation import embed
 from .fsutil import atomic_write_bytes
 from .infer import prepare_inference
-from .shard_format import decode_sample, load_index, read_tar_samples, shard_urls
+from .shard_format import split_speakers
 from .verification import (
     Embeddings,
     asnorm,
@@ -45,43 +44,19 @@ def run_embed(
     or with `per_speaker_mean` each speaker's mean (a cohort for AS-norm); under `accelerate launch` the
     ranks share the split and rank 0 writes. Returns the number of utterances embedded."""
     try:
-        accelerator, model, index, _, loader = prepare_inference(
+        accelerator, model, _, _, loader = prepare_inference(
             checkpoint, shards, split, batch_size, num_workers
         )
-        id2speaker = {i: name for name, i in index["speaker2id"].items()}
-        rows = []
-        for batch in loader:
-            labels = batch.labels.tolist()
-            batch = batch.to(accelerator.device)
-            vectors = torch.nn.functional.normalize(model.embed(batch.mels, batch.lengths).float(), dim=1)
-            names = [id2speaker.get(i, "") for i in labels]
-            rows += zip(batch.keys, names, vectors.cpu().numpy(), strict=True)
+        rows = embed(model, loader, accelerator.device)
         if accelerator.num_processes > 1:
             rows = gather_object(rows)
-        rows.sort(key=lambda row: row[0])
         if accelerator.is_main_process:
-            keys, speakers, vectors = zip(*rows, strict=True)
-            embeddings = Embeddings(np.array(keys), np.array(speakers), np.stack(vectors))
+            embeddings = Embeddings.from_rows(rows)
             (embeddings.speaker_means() if per_speaker_mean else embeddings).save(out)
         accelerator.wait_for_everyone()
         return len(rows)
     finally:
         leave_process_group()
-
-
-def split_keys(shards: str, split: str) -> tuple[list[str], list[str]]:
-    """(keys, speaker names) of a split's utterances, read from the shards' metadata."""
-    index = load_index(shards)
-    keys, speakers = [], []
-    for url in shard_urls(shards, index, split):
-        for key, parts in read_tar_samples(url):
-            meta = json.loads(bytes(parts["json"]))
-            decode_sample(key, parts, index["n_mels"])  # a damaged sample is an error here too
-            if meta.get("speaker") is None:
-                raise SpkdistError(f"{url}: sample {key} has no speaker; trials need a labeled split")
-            keys.append(key)
-            speakers.append(meta["speaker"])
-    return keys, speakers
 
 
 def run_score(embeddings: str, trials: str, cohort: str | None, top_n: int, scores_out: str | None) -> dict:
@@ -172,7 +147,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _trials(args: argparse.Namespace) -> None:
-    keys, speakers = split_keys(args.shards, args.split)
+    keys, speakers = split_speakers(args.shards, args.split)
     write_trials(args.out, make_trials(keys, speakers, args.targets, args.nontargets, args.seed))
     print(f"wrote {args.targets} target and {args.nontargets} non-target trials to {args.out}")
 

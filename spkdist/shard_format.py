@@ -5,8 +5,11 @@ A shard directory holds `{split}-%06d.tar` files and `index.json`, written last:
 `index.json` is unfinished, whatever tar files it holds. Each sample in a shard is two tar members:
 
     <key>.npy    features, shape (frames, n_mels), float16 (or float32), in numpy's .npy format
-    <key>.json   {"speaker": name or null, "speaker_id": int (-1 if unlabeled), "source": path,
+    <key>.json   {"speaker": name or null, "speaker_id": int (-1 if unlabeled or held out), "source": path,
                   "num_frames": int, "order": position in the source's own order}
+
+Splits: `train`, `valid`, `test` and `heldout`: every utterance of the speakers `spkdist shard
+--heldout-speakers` keeps out of training (labeled by name only: they are not classes of `speaker2id`).
 
 `index.json` (see `build_index`) is the source of truth for everything that reads the shards.
 """
@@ -36,8 +39,12 @@ from .fsutil import atomic_write_json, sha256_file
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "spkdist-shards"
-FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
+# Version 2 added the `heldout` split and index.json's `heldout_speakers` (and `source_speaker2id`); a
+# version-1 reader would treat held-out speakers' utterances as unknown. Version 1 is still read.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+HELDOUT = "heldout"
+SPLITS = ("train", "valid", "test", HELDOUT)
 PARTIAL_SUFFIX = ".partial"
 TAR_BLOCK = 512  # tar header size and the unit member data is padded to
 TAR_RECORD = 20 * TAR_BLOCK  # tar(1) and tarfile pad whole archives to 10 KiB records
@@ -240,19 +247,24 @@ def build_index(
     source: dict[str, Any],
     skipped: list[dict[str, str]],
     settings: dict[str, Any],
+    heldout_speakers: list[str] = (),
+    source_speaker2id: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The index.json document.
 
     Args:
         splits: finished shards per split name.
         split_frames: total feature frames per split.
-        speaker2id: speaker name -> class id (0..n-1), exactly as the source defines it.
+        speaker2id: speaker name -> class id (0..n-1) of the classifier: the source's own mapping, or
+            with held-out speakers the others', renumbered in the source's order.
         features: feature parameters (n_mels, dtype, and for audio the STFT/mel settings).
         source: what was read: format, path, fingerprint.
         skipped: bad items left out (when the run skips them), each {"path", "reason"}.
         settings: the sharding settings (seed, valid_fraction, shard caps).
+        heldout_speakers: the speakers of the `heldout` split (sorted names), in no class of speaker2id.
+        source_speaker2id: with held-out speakers, the source's own full mapping (HW4's mapping.json).
     """
-    return {
+    index = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
@@ -271,7 +283,11 @@ def build_index(
         "source": source,
         "settings": settings,
         "skipped": skipped,
+        "heldout_speakers": sorted(heldout_speakers),
     }
+    if heldout_speakers:
+        index["source_speaker2id"] = source_speaker2id
+    return index
 
 
 def write_index(out_dir: Path, index: dict[str, Any]) -> None:
@@ -326,10 +342,12 @@ def load_index(location: str | os.PathLike) -> dict[str, Any]:
         raise SpkdistError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise SpkdistError(f"{where}: not a spkdist shard index")
-    if index.get("format_version") != FORMAT_VERSION:
+    if index.get("format_version") not in READ_VERSIONS:
         raise SpkdistError(
-            f"{where}: format version {index.get('format_version')}, this spkdist reads {FORMAT_VERSION}"
+            f"{where}: format version {index.get('format_version')}, this spkdist reads "
+            f"{' and '.join(map(str, READ_VERSIONS))}"
         )
+    index.setdefault("heldout_speakers", [])  # version 1 had none
     _check_index(index, where)
     return index
 
@@ -355,6 +373,17 @@ def _check_index(index: dict[str, Any], where: str) -> None:
         fail("speaker2id", "expected a mapping of speaker names to class ids")
     if sorted(i if type(i) is int else -1 for i in speaker2id.values()) != list(range(len(speaker2id))):
         fail("speaker2id", f"class ids must be the integers 0..{len(speaker2id) - 1}, each once")
+    heldout = index["heldout_speakers"]
+    if not isinstance(heldout, list) or not all(isinstance(name, str) for name in heldout):
+        fail("heldout_speakers", "expected a list of speaker names")
+    if len(set(heldout)) != len(heldout) or set(heldout) & set(speaker2id):
+        fail("heldout_speakers", "names must be distinct and not classes of speaker2id")
+    if "source_speaker2id" in index:
+        source_ids = index["source_speaker2id"]
+        if not isinstance(source_ids, dict) or not all(
+            isinstance(name, str) and type(i) is int for name, i in source_ids.items()
+        ):
+            fail("source_speaker2id", "expected a mapping of speaker names to integer ids")
     for name, keys in (("source", ("format", "path", "fingerprint")), ("features", ("kind", "dtype"))):
         record = index.get(name)
         if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in keys):
@@ -425,6 +454,21 @@ class Sample(NamedTuple):
     speaker_id: int
     source: str
     order: int
+    speaker: str | None = None  # the name; held-out speakers have it but no class id
+
+
+def split_speakers(shards: str, split: str) -> tuple[list[str], list[str]]:
+    """(keys, speaker names) of a split's utterances, read from the shards' metadata."""
+    index = load_index(shards)
+    keys, speakers = [], []
+    for url in shard_urls(shards, index, split):
+        for key, parts in read_tar_samples(url):
+            sample = decode_sample(key, parts, index["n_mels"])  # a damaged sample is an error here too
+            if sample.speaker is None:
+                raise SpkdistError(f"{url}: sample {key} has no speaker; trials need a labeled split")
+            keys.append(key)
+            speakers.append(sample.speaker)
+    return keys, speakers
 
 
 def _read(stream: BinaryIO, size: int) -> bytes:
@@ -526,7 +570,7 @@ def decode_sample(key: str, parts: dict[str, memoryview], n_mels: int) -> Sample
     meta = _JSON.decode(str(meta, "utf-8"))
     if mels.shape != (meta["num_frames"], n_mels):
         raise ValueError(f"sample {key} has shape {mels.shape}, expected ({meta['num_frames']}, {n_mels})")
-    return Sample(key, mels, meta["speaker_id"], meta["source"], meta["order"])
+    return Sample(key, mels, meta["speaker_id"], meta["source"], meta["order"], meta["speaker"])
 
 
 def _npy_view(npy: memoryview, key: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """A `spkdist shard` run: Corpus -> splits in writing order -> features in worker processes -> shards, index.
 
+    hold_out       the held-out speakers (a seeded share, or names): all their utterances go to `heldout`
     split_corpus   train/valid (valid carved per speaker, seeded) and test; labeled splits shuffled (seeded)
     _encode_chunk  (worker) files -> checked (frames, n_mels) features in the shard dtype -> tar members
     shard          (main) clears OUT, writes each split through a SplitWriter, writes index.json last
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from .errors import BadInput, BadItemError, SpkdistError
 from .features import LogMel, Precomputed, cast, check_features
 from .shard_format import (
+    HELDOUT,
     SPLITS,
     ShardEntry,
     SplitWriter,
@@ -63,6 +65,8 @@ class ShardOptions:
     valid_fraction: float = 0.1
     test_fraction: float = 0.0
     seed: int = 0
+    heldout_fraction: float = 0.0  # share of the speakers held out (seeded), or
+    heldout_names: tuple[str, ...] = ()  # the speakers held out, by name
     dtype: str = "float16"
     max_shard_samples: int = 10_000
     max_shard_mb: float = 256.0  # ~100-500 MB shards on HW4-sized data
@@ -79,6 +83,7 @@ class ShardOptions:
             "seed": self.seed,
             "valid_fraction": self.valid_fraction,
             "test_fraction": self.test_fraction,
+            "heldout_fraction": self.heldout_fraction,
             "max_shard_samples": self.max_shard_samples,
             "max_shard_bytes": self.max_shard_bytes,
         }
@@ -95,6 +100,8 @@ class ShardOptions:
             raise ValueError(
                 f"valid_fraction and test_fraction must be >= 0 and leave room for train: {self}"
             )
+        if not 0 <= self.heldout_fraction < 1 or (self.heldout_fraction and self.heldout_names):
+            raise ValueError(f"give a heldout_fraction in [0, 1) or heldout_names, not both: {self}")
 
 
 @dataclass
@@ -105,6 +112,7 @@ class Summary:
     samples: dict[str, int]  # per split
     shards: dict[str, int]  # per split
     speakers: int
+    heldout_speakers: int
     frames: int
     hours: float | None  # audio inputs: frames x hop; None for precomputed features
     bytes: int
@@ -118,7 +126,8 @@ class Summary:
         ]
         length = f"{self.hours:,.2f} hours" if self.hours is not None else f"{self.frames:,} frames"
         lines.append(
-            f"{sum(self.samples.values()):,} utterances, {self.speakers:,} speakers, {length}, "
+            f"{sum(self.samples.values()):,} utterances, {self.speakers:,} speakers"
+            f"{f' ({self.heldout_speakers:,} held out)' if self.heldout_speakers else ''}, {length}, "
             f"{_count(sum(self.shards.values()), 'shard')}, {self.bytes / 1e6:,.1f} MB, {self.seconds:.1f} s"
             f" -> {self.out}"
         )
@@ -129,6 +138,36 @@ class Summary:
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def hold_out(corpus: Corpus, options: ShardOptions) -> tuple[list[Utterance], dict[str, int], list[str]]:
+    """(utterances, the classifier's speaker2id, held-out speaker names).
+
+    The held-out speakers are `options.heldout_names`, or round(n x heldout_fraction) of the n labeled
+    speakers drawn with the seed. Every labeled utterance of theirs goes to the `heldout` split, and the
+    classifier's mapping keeps the other speakers, renumbered 0..k-1 in the source's own id order.
+    """
+    speakers = sorted(corpus.speaker2id, key=corpus.speaker2id.get)
+    if options.heldout_names:
+        heldout = set(options.heldout_names)
+    elif options.heldout_fraction:
+        count = round(len(speakers) * options.heldout_fraction)
+        if not 1 <= count < len(speakers):
+            raise SpkdistError(
+                f"--heldout-speakers {options.heldout_fraction} holds out {count} of {len(speakers)} "
+                "speakers; it must hold out at least one and leave at least one for training"
+            )
+        heldout = set(random.Random(f"{options.seed}:{HELDOUT}").sample(sorted(speakers), count))
+    else:
+        return corpus.utterances, corpus.speaker2id, []
+    kept = [name for name in speakers if name not in heldout]
+    if not kept:
+        raise SpkdistError("--heldout-speakers holds out every speaker; none is left for training")
+    utterances = [
+        replace(u, split=HELDOUT) if u.speaker is not None and u.speaker in heldout else u
+        for u in corpus.utterances
+    ]
+    return utterances, {name: i for i, name in enumerate(kept)}, sorted(heldout)
 
 
 def split_corpus(
@@ -247,26 +286,38 @@ def shard(
 ) -> Summary:
     """Write `corpus` as shards and index.json into `out`, replacing what an earlier run left there."""
     started = time.perf_counter()
-    splits = split_corpus(corpus.utterances, options.valid_fraction, options.test_fraction, options.seed)
+    utterances, speaker2id, heldout = hold_out(corpus, options)
+    splits = split_corpus(utterances, options.valid_fraction, options.test_fraction, options.seed)
     queue = [u for split in SPLITS for u in splits[split]]
     if not queue:
         raise SpkdistError(f"{corpus.source['path']}: no utterances to shard")
     clear_shard_dir(out)
     for stale in out.glob(f"{SPOOL_PREFIX}*"):  # left by a killed run
         shutil.rmtree(stale)
-    job = _Job(extractor, corpus.speaker2id, options.dtype)
+    job = _Job(extractor, speaker2id, options.dtype)
     shards, frames, sizes = _write_shards(queue, job, out, options, bad)
     if not shards:
         raise SpkdistError(f"{corpus.source['path']}: every utterance was skipped as bad; nothing to shard")
     features = {**extractor.params, "dtype": options.dtype}
     source = {**corpus.source, "fingerprint": _fingerprint(corpus, sizes)}
-    index = build_index(shards, frames, corpus.speaker2id, features, source, bad.skipped, options.settings)
+    index = build_index(
+        shards,
+        frames,
+        speaker2id,
+        features,
+        source,
+        bad.skipped,
+        options.settings,
+        heldout,
+        corpus.speaker2id,
+    )
     write_index(out, index)
     return Summary(
         out=out,
         samples={split: sum(s.num_samples for s in entries) for split, entries in shards.items()},
         shards={split: len(entries) for split, entries in shards.items()},
         speakers=len(corpus.speaker2id),
+        heldout_speakers=len(heldout),
         frames=sum(frames.values()),
         hours=sum(frames.values()) * extractor.hop_ms / 3.6e6 if isinstance(extractor, LogMel) else None,
         bytes=sum(s.bytes for entries in shards.values() for s in entries),

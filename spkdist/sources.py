@@ -31,11 +31,13 @@ from .demo import FSDD_ARCHIVE
 from .errors import BadInput, BadItemError, SpkdistError
 from .features import Precomputed
 from .fsutil import sha256_file
-from .shard_format import SPLITS
+from .shard_format import HELDOUT, SPLITS
 
 HW4_FILES = ("mapping.json", "metadata.json", "testdata.json")
 AUDIO_SUFFIXES = (".wav", ".flac")
 MANIFEST_COLUMNS = ("path", "speaker", "split")
+# The splits a manifest may name; `heldout` is made by `spkdist shard --heldout-speakers` only.
+MANIFEST_SPLITS = tuple(split for split in SPLITS if split != HELDOUT)
 # Member names in a shard are `<key>.json` / `<key>.npy` and must fit the 100-byte ustar name field.
 MAX_KEY_LENGTH = 80
 NOT_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -183,8 +185,8 @@ def read_manifest(manifest: Path, base: Path | None, bad: BadInput) -> Corpus:
         split = fields.get("split", "train")
         if not fields["path"] or not fields["speaker"]:
             bad.report(BadItemError(where, "empty path or speaker"))
-        elif split not in SPLITS:
-            bad.report(BadItemError(where, f"split {split!r} is not one of {', '.join(SPLITS)}"))
+        elif split not in MANIFEST_SPLITS:
+            bad.report(BadItemError(where, f"split {split!r} is not one of {', '.join(MANIFEST_SPLITS)}"))
         else:
             path = fields["path"]
             utterances.append(

@@ -95,6 +95,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) int64
     labels: torch.Tensor  # (B,) int64, speaker ids, -1 for unlabeled utterances
     keys: list[str]
+    speakers: list[str | None]  # names: held-out speakers have one but no id
     sources: list[str]
     orders: list[int]  # position of each utterance in its source's own order (predictions come back in it)
     bad_shards: int = 0  # damaged shards skipped by the producing worker since its previous batch
@@ -348,6 +349,7 @@ def collate(groups: Sequence[Sequence[Sample]], n_mels: int, bad_shards: int = 0
                 lengths=ints[:size],
                 labels=ints[size:],
                 keys=[utt.key for utt in utterances],
+                speakers=[utt.speaker for utt in utterances],
                 sources=[utt.source for utt in utterances],
                 orders=[utt.order for utt in utterances],
                 bad_shards=bad_shards if i == 0 else 0,

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .config import CONFIG_VERSION, Config, dump_config, load_config
-from .dashboards import EvalDetails, evaluation_panels
+from .dashboards import EvalDetails, evaluation_panels, score_histograms
 from .distributed import (
     StopRequest,
     StopVote,
@@ -57,12 +57,13 @@ from .distributed import (
     sync_buffers,
 )
 from .errors import SpkdistError, exit_code
-from .evaluation import evaluate
+from .evaluation import embed, evaluate
 from .fsutil import atomic_write_bytes
 from .models import MarginHead, build_model
 from .schedules import WarmupCosine
-from .shard_format import load_index
+from .shard_format import HELDOUT, load_index, split_speakers
 from .stream import Batch, SpecAugment, StreamLoader, eval_loader, train_loader
+from .verification import Embeddings, cosine_scores, eer, make_trials, min_dcf, trial_rows
 
 
 @dataclasses.dataclass
@@ -93,6 +94,14 @@ class TrainResult:
 
 
 @dataclasses.dataclass
+class Verification:
+    """What `validate` needs to score held-out speakers: their stream and a fixed trial list."""
+
+    loader: StreamLoader
+    trials: list[tuple[int, str, str]]  # (label, enroll key, test key), the same on every rank
+
+
+@dataclasses.dataclass
 class Job:
     """A run, set up and ready to fit: everything `setup` builds and `fit` uses."""
 
@@ -104,6 +113,7 @@ class Job:
     state: TrainState
     train_batches: Iterator[Batch]  # endless
     valid_loader: StreamLoader
+    heldout: Verification | None  # train.eval_verification: the held-out speakers and their trials
     n_mels: int
     payload: dict[str, Any]  # stored in every model.pt beside the weights: config, speakers, n_mels
     out: Path
@@ -194,6 +204,7 @@ def setup(cfg: Config) -> Job:
         rank=rank,
         world_size=world,
     )
+    heldout = verification_setup(cfg, index, rank, world) if cfg.train.eval_verification else None
     accelerator.init_trackers(
         cfg.log.project,
         config=tracker_config(cfg),
@@ -209,8 +220,41 @@ def setup(cfg: Config) -> Job:
         "spkdist_version": __version__,
     }
     return Job(
-        cfg, accelerator, model, optimizer, schedule, state, train_batches, valid_loader, n_mels, payload, out
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        schedule,
+        state,
+        train_batches,
+        valid_loader,
+        heldout,
+        n_mels,
+        payload,
+        out,
     )
+
+
+def verification_setup(cfg: Config, index: dict[str, Any], rank: int, world: int) -> Verification:
+    """The held-out split's stream and trial list. Every rank draws the same (seeded) trials itself, so a
+    split too small for them fails on all ranks at once instead of leaving the others waiting."""
+    if not index["splits"].get(HELDOUT, {}).get("shards"):
+        raise SpkdistError(
+            f"{cfg.data.shards}: train.eval_verification needs a {HELDOUT} split "
+            "(made by spkdist shard --heldout-speakers)"
+        )
+    n = cfg.train.verification_trials
+    trials = make_trials(*split_speakers(cfg.data.shards, HELDOUT), n, n, cfg.train.seed)
+    loader = eval_loader(
+        cfg.data.shards,
+        index,
+        HELDOUT,
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        rank=rank,
+        world_size=world,
+    )
+    return Verification(loader, trials)
 
 
 def tracker_config(cfg: Config) -> dict[str, Any]:
@@ -291,6 +335,7 @@ def fit(job: Job, stop: StopRequest) -> TrainResult:
                 say(
                     f"step {state.step}: valid loss {metrics['loss']:.4f} accuracy "
                     f"{metrics['accuracy']:.4f} ({metrics['num_samples']} utterances)"
+                    + (f", held-out EER {metrics['eer']:.4f}" if "eer" in metrics else "")
                 )
                 improved = metrics["accuracy"] > state.best_accuracy
                 if improved:
@@ -333,7 +378,8 @@ def margin_at(cfg: Config, step: int) -> float:
 
 
 def validate(job: Job) -> dict[str, float]:
-    """Loss, accuracy and count over the whole validation split, every rank evaluating its share.
+    """Loss, accuracy and count over the whole validation split, every rank evaluating its share, and
+    with train.eval_verification the EER and minDCF of the held-out speakers' trials.
 
     The unwrapped model runs, not the DDP wrapper: a DDP forward would broadcast buffers, a collective
     that a rank with no validation batch never joins (buffers were synced just before). Under ZeRO-3
@@ -341,20 +387,32 @@ def validate(job: Job) -> dict[str, float]:
     """
     accelerator = job.accelerator
     model = accelerator.unwrap_model(job.model)
-    batches = lockstep(accelerator, job.valid_loader) if is_zero3(accelerator) else job.valid_loader
+    zero3 = is_zero3(accelerator)
+    batches = lockstep(accelerator, job.valid_loader) if zero3 else job.valid_loader
     # the dashboards' counts and embedding sample, for W&B runs (all ranks collect; rank 0 logs)
     wandb = job.cfg.log.tracker == "wandb"
     details = EvalDetails(len(job.payload["speaker2id"]), accelerator.device) if wandb else None
     metrics = evaluate(accelerator, model, batches, idle_n_mels=job.n_mels, details=details)
-    if details is not None:
-        results = details.reduce(accelerator)  # a collective: every rank
-        if accelerator.is_main_process:
-            id2speaker = {i: name for name, i in job.payload["speaker2id"].items()}
-            try:  # pictures are worth no crash: the other ranks would wait in the next collective
-                panels = evaluation_panels(results, id2speaker)
-                accelerator.get_tracker("wandb", unwrap=True).log(panels, step=job.state.step)
-            except Exception as e:
-                warnings.warn(f"dashboard panels not logged at step {job.state.step}: {e}", stacklevel=1)
+    results = details.reduce(accelerator) if details is not None else None  # a collective: every rank
+    trials = None  # (scores, labels) of the held-out speakers' trials
+    if job.heldout is not None:
+        batches = lockstep(accelerator, job.heldout.loader) if zero3 else job.heldout.loader
+        rows = embed(model, batches, accelerator.device, idle_n_mels=job.n_mels)
+        if accelerator.num_processes > 1:
+            rows = gather_object(rows)  # every rank gets all rows and scores the same trials
+        embeddings = Embeddings.from_rows(rows)
+        labels, enroll, test = trial_rows(embeddings, job.heldout.trials)
+        trials = cosine_scores(embeddings.vectors, enroll, test), labels
+        metrics |= {"eer": eer(*trials)[0], "min_dcf": min_dcf(*trials, p_target=0.01)}
+    if results is not None and accelerator.is_main_process:
+        id2speaker = {i: name for name, i in job.payload["speaker2id"].items()}
+        try:  # pictures are worth no crash: the other ranks would wait in the next collective
+            panels = evaluation_panels(results, id2speaker)
+            if trials is not None:
+                panels |= score_histograms(*trials)
+            accelerator.get_tracker("wandb", unwrap=True).log(panels, step=job.state.step)
+        except Exception as e:
+            warnings.warn(f"dashboard panels not logged at step {job.state.step}: {e}", stacklevel=1)
     return metrics
 
 

@@ -32,6 +32,12 @@ class Embeddings:
     speakers: np.ndarray  # (N,) str
     vectors: np.ndarray  # (N, D) float32
 
+    @classmethod
+    def from_rows(cls, rows: list[tuple[str, str, np.ndarray]]) -> Embeddings:
+        """From (key, speaker, vector) rows (`spkdist.evaluation.embed`, any order), sorted by key."""
+        keys, speakers, vectors = zip(*sorted(rows, key=lambda row: row[0]), strict=True)
+        return cls(np.array(keys), np.array(speakers), np.stack(vectors).astype(np.float32))
+
     def save(self, path: str | os.PathLike) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, keys=self.keys, speakers=self.speakers, embeddings=self.vectors)
@@ -75,6 +81,16 @@ def read_trials(path: str | os.PathLike, embeddings: Embeddings) -> tuple[np.nda
             test.append(row[parts[2]])
     if not labels:
         raise SpkdistError(f"{path}: no trials")
+    return np.array(labels), np.array(enroll), np.array(test)
+
+
+def trial_rows(
+    embeddings: Embeddings, trials: list[tuple[int, str, str]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, enroll rows, test rows) of an in-memory trial list (`make_trials`) whose keys are all
+    in `embeddings` (KeyError otherwise: a programming error, unlike a trials file's bad line)."""
+    row = {key: i for i, key in enumerate(embeddings.keys)}
+    labels, enroll, test = zip(*((label, row[a], row[b]) for label, a, b in trials), strict=True)
     return np.array(labels), np.array(enroll), np.array(test)
 
 

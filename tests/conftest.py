@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_tiny_shards, tar_samples
+from helpers import TINY_SPLITS, make_tiny_shards, tar_samples
 
 from spkdist.bench.synth import make_hw4_dir
 from spkdist.cli import main
@@ -89,13 +89,16 @@ def cli_error(capsys) -> Callable[[], str]:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    """4 speakers; train in 5 shards, valid (20 utterances) in ONE: with 2 ranks, one holds no valid shard."""
-    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"))
+    """4 speakers; train in 5 shards, valid (20 utterances) in ONE: with 2 ranks, one holds no valid shard;
+    and 3 held-out speakers (30 utterances in 2 shards)."""
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny-shards"), {**TINY_SPLITS, "heldout": 30})
 
 
 @pytest.fixture(scope="session")
 def one_utterance_valid(tmp_path_factory) -> Path:
-    """Like tiny_shards, but the valid split is a single utterance: fewer than the ranks."""
+    """Like tiny_shards, but the valid split is a single utterance: fewer than the ranks; and 33 held-out
+    utterances in shards of 20 and 13, which 2 ranks without workers read as 2 and 1 batches of 16."""
     return make_tiny_shards(
-        tmp_path_factory.mktemp("one-utterance-valid"), {"train": 100, "valid": 1, "test": 12}
+        tmp_path_factory.mktemp("one-utterance-valid"),
+        {"train": 100, "valid": 1, "test": 12, "heldout": 33},
     )

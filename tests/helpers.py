@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
 PROBE = REPO / "tests" / "train_probe.py"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-N_SPEAKERS, N_MELS = 4, 40
+N_SPEAKERS, N_MELS, HELDOUT_SPEAKERS = 4, 40, 3
 TINY_SPLITS = {"train": 100, "valid": 20, "test": 12}
 
 
@@ -36,6 +36,7 @@ def write_shards(
     features: dict,
     per_shard: dict[str, int],
     source: dict | None = None,
+    heldout_speakers: list[str] = (),
 ) -> Path:
     """Write each split's (key, features, metadata) samples as `spkdist shard` would: capped shards, then
     index.json. `features` is index.json's feature record (n_mels, ...)."""
@@ -50,7 +51,8 @@ def write_shards(
         shards[split] = writer.shards
     features = {"kind": "test", "dtype": "float16", **features}
     source = {"format": "test", "path": str(out), "fingerprint": "test", **(source or {})}
-    write_index(out, build_index(shards, frames, speaker2id, features, source, [], {}))
+    index = build_index(shards, frames, speaker2id, features, source, [], {}, heldout_speakers, speaker2id)
+    write_index(out, index)
     return out
 
 
@@ -58,19 +60,27 @@ def make_tiny_shards(out: Path, sizes: dict[str, int] = TINY_SPLITS, shard_count
     """4 speakers, each with its own spectral shape, `sizes[split]` utterances per split, at most
     `shard_count` per shard: by default train spreads over 5 shards (not a multiple of 2 or 3 ranks, nor
     of ranks x 2 workers) and valid is ONE shard, so with 2 ranks one rank holds no validation shard.
+    A `heldout` size adds that split: utterances of 3 more speakers, in no class of speaker2id.
     The same arguments always give the same shards (tests compare against figures measured on them)."""
     rng = np.random.default_rng(0)
     shapes = rng.normal(0.0, 1.0, size=(N_SPEAKERS, N_MELS))  # per-speaker mean over mel bins
+    # drawn apart, so that adding held-out speakers leaves every other split as it was
+    heldout_rng = np.random.default_rng(1)
+    # and close to each other, so that their EER is neither 0 nor chance
+    heldout_shapes = heldout_rng.normal(0.0, 0.1, size=(HELDOUT_SPEAKERS, N_MELS))
 
     def samples(split: str, size: int):
-        order = [(k % N_SPEAKERS, k // N_SPEAKERS) for k in range(size)]
-        rng.shuffle(order)
+        held = split == "heldout"
+        r, speakers = (heldout_rng, HELDOUT_SPEAKERS) if held else (rng, N_SPEAKERS)
+        order = [(k % speakers, k // speakers) for k in range(size)]
+        r.shuffle(order)
         for position, (speaker, k) in enumerate(order):
-            length = int(rng.integers(20, 60))
-            feats = (shapes[speaker] + rng.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
+            length = int(r.integers(20, 60))
+            shape = heldout_shapes[speaker] if held else shapes[speaker]
+            feats = (shape + r.normal(0.0, 1.0, size=(length, N_MELS))).astype(np.float16)
             meta = {
-                "speaker": f"spk{speaker}",
-                "speaker_id": int(speaker),
+                "speaker": f"held{speaker}" if held else f"spk{speaker}",
+                "speaker_id": -1 if held else int(speaker),
                 "source": f"{split}/{speaker}/{k}.pt",
                 "num_frames": length,
                 "order": position,
@@ -84,7 +94,22 @@ def make_tiny_shards(out: Path, sizes: dict[str, int] = TINY_SPLITS, shard_count
         {"n_mels": N_MELS, "dtype": "float16"},
         dict.fromkeys(sizes, shard_count),
         {"format": "test"},
+        [f"held{i}" for i in range(HELDOUT_SPEAKERS)] if "heldout" in sizes else [],
     )
+
+
+def heldout_eer(checkpoint: Path, shards: Path, trials: int, seed: int, tmp: Path) -> float:
+    """The EER a one-process `spkdist embed` of `checkpoint` gets on the trials that training with
+    train.eval_verification (train.verification_trials=`trials`, train.seed=`seed`) scores."""
+    from spkdist.open_set import run_embed
+    from spkdist.shard_format import HELDOUT, split_speakers
+    from spkdist.verification import Embeddings, cosine_scores, eer, make_trials, trial_rows
+
+    run_embed(str(checkpoint), str(shards), HELDOUT, str(tmp / "heldout.npz"), batch_size=5, num_workers=0)
+    embeddings = Embeddings.load(tmp / "heldout.npz")
+    pairs = make_trials(*split_speakers(str(shards), HELDOUT), trials, trials, seed)
+    labels, enroll, test = trial_rows(embeddings, pairs)
+    return eer(cosine_scores(embeddings.vectors, enroll, test), labels)[0]
 
 
 def tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:

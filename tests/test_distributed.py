@@ -21,6 +21,7 @@ from helpers import (
     TRAIN,
     ddp_launcher,
     finish_groups,
+    heldout_eer,
     make_tiny_shards,
     probe,
     read_ranks,
@@ -64,6 +65,14 @@ def assert_one_job_and_exact_metrics(ranks: list[dict], run_dir: Path, shards: P
     )
     assert ranks[0]["metrics"]["loss"] == pytest.approx(alone["loss"], rel=1e-5)
     assert ranks[0]["metrics"]["accuracy"] == alone["accuracy"]
+    if "eer" in ranks[0]["metrics"]:  # held-out speakers embedded by all ranks, scored on gathered rows
+        assert ranks[0]["metrics"]["eer"] == pytest.approx(
+            heldout_eer(last, shards, VERIFICATION_TRIALS, seed=0, tmp=run_dir), abs=1e-6
+        )
+
+
+VERIFICATION_TRIALS = 30
+VERIFICATION = ("train.eval_verification=true", f"train.verification_trials={VERIFICATION_TRIALS}")
 
 
 @pytest.mark.parametrize("recipe", ["sample", "boss"])  # Transformer, and Conformer with BatchNorm buffers
@@ -74,7 +83,9 @@ def test_ddp_evaluates_splits_smaller_than_the_world(
     shards = tiny_shards if valid == "one shard" else one_utterance_valid
     assert len(load_index(shards)["splits"]["valid"]["shards"]) == 1
     # eval at step 3 and 6, with workers: the valid shard is split by sample among 2 ranks x 2 workers
-    ranks = train_ddp(tmp_path, shards, recipe, extra=("train.eval_every=3", "data.num_workers=2"))
+    # and with the held-out speakers' EER, whose split the 4 readers also share by sample
+    extra = ("train.eval_every=3", "data.num_workers=2", *VERIFICATION)
+    ranks = train_ddp(tmp_path, shards, recipe, extra=extra)
     assert_one_job_and_exact_metrics(ranks, tmp_path / "run", shards)
 
 

@@ -11,6 +11,7 @@ from helpers import (
     deepspeed_launcher,
     finish_groups,
     free_port,
+    heldout_eer,
     probe,
     read_ranks,
     run_checked,
@@ -106,7 +107,12 @@ def test_deepspeed_zero3_evaluates_with_uneven_ranks_and_its_checkpoint_on_cpu(
     recipe, one_utterance_valid, tmp_path
 ):
     run_dir, prefix = tmp_path / "run", tmp_path / "probe"
-    overrides = small_overrides(one_utterance_valid, run_dir, steps=4)
+    # with the held-out EER: 2 embedding batches on rank 0, 1 on rank 1 (idle passes again)
+    overrides = [
+        *small_overrides(one_utterance_valid, run_dir, steps=4),
+        "train.eval_verification=true",
+        "train.verification_trials=30",
+    ]
     output = run_checked(
         [*deepspeed_launcher("deepspeed_zero3"), *probe(prefix, f"{recipe}.yaml", overrides)]
     )
@@ -120,3 +126,5 @@ def test_deepspeed_zero3_evaluates_with_uneven_ranks_and_its_checkpoint_on_cpu(
     metrics = run_evaluate(str(run_dir), str(one_utterance_valid), "valid", batch_size=16, num_workers=0)
     assert metrics["num_samples"] == 1
     assert metrics["loss"] == pytest.approx(ranks[0]["metrics"]["loss"], rel=1e-5)
+    eer = heldout_eer(run_dir, one_utterance_valid, 30, seed=0, tmp=tmp_path)
+    assert ranks[0]["metrics"]["eer"] == pytest.approx(eer, abs=1e-6)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import N_SPEAKERS, TRAIN, cli_env, small_overrides, wandb_run
+from helpers import N_SPEAKERS, TRAIN, cli_env, heldout_eer, make_tiny_shards, small_overrides, wandb_run
 
 from spkdist import checkpoint, train
 from spkdist.config import load_config
@@ -324,6 +324,34 @@ def test_wandb_offline_run_holds_the_metrics_and_the_dashboard_panels(tiny_shard
     assert sum(row[2] for row in per_speaker["data"]) == round(20 * history["valid/accuracy"])
     embeddings = json.loads((files / history["valid/embeddings/path"]).read_text())
     assert embeddings["columns"] == ["x", "y", "speaker"] and len(embeddings["data"]) == 20
+
+
+def test_verification_during_training_logs_eer_and_score_histograms(tiny_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    overrides = [o for o in small_overrides(tiny_shards, out) if not o.startswith("log.tracker")]
+    verification = ["train.eval_verification=true", "train.verification_trials=40", "train.eval_every=2"]
+    result = run(load_config("sample.yaml", [*overrides, *verification, "log.tracker=wandb"]))
+    history, summary, _ = wandb_run(out)
+    # the metrics: the same EER a separate `spkdist embed` of the final checkpoint scores on those trials
+    assert result.metrics["eer"] == pytest.approx(
+        heldout_eer(out / "checkpoints" / "last", tiny_shards, 40, seed=0, tmp=tmp_path), abs=1e-9
+    )
+    assert history["valid/eer"] == result.metrics["eer"] and 0 <= history["valid/min_dcf"] <= 1
+    assert summary["valid/eer"] == result.metrics["eer"]  # the final EER, in the runs table
+    assert 0 < result.metrics["eer"] < 0.5  # the held-out speakers are close, yet told apart
+    for kind in ("target", "nontarget"):
+        assert history[f"valid/{kind}_scores/_type"] == "histogram"
+        assert sum(history[f"valid/{kind}_scores/values"]) == 40
+
+
+def test_verification_needs_a_heldout_split(tmp_path):
+    shards = make_tiny_shards(tmp_path / "shards", {"train": 20, "valid": 4})
+    cfg = load_config(
+        "sample.yaml", [*small_overrides(shards, tmp_path / "run"), "train.eval_verification=true"]
+    )
+    with pytest.raises(SpkdistError, match="eval_verification needs a heldout split"):
+        run(cfg)
 
 
 def test_tensorboard_event_files_hold_the_scalars(tiny_shards, tmp_path):

@@ -64,6 +64,7 @@ def make_batches(n: int, batch_size: int, segment_len: int, device: torch.device
             lengths=torch.full((batch_size,), segment_len, device=device),
             labels=torch.randint(0, N_SPEAKERS, (batch_size,), generator=generator).to(device),
             keys=[""] * batch_size,
+            speakers=[None] * batch_size,
             sources=[""] * batch_size,
             orders=list(range(batch_size)),
         )
