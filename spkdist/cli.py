@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import __version__, bench, checkpoint, infer, open_set, train
+from . import __version__, bench, checkpoint, export, infer, open_set, train
 from .argtypes import fraction, positive_float, positive_int
 from .config import CONFIG_DIR
 from .errors import BadInput, SpkdistError, exit_code
@@ -375,6 +375,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     infer.add_predict,
     add_average,
     open_set.add_commands,
+    export.add_command,
     add_configs,
     bench.add_command,
 ]
