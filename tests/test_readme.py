@@ -33,17 +33,24 @@ COMMANDS = [
         "spkdist predict --checkpoint runs/boss --shards shards/hw4 --out predictions.csv",
         ["--num-workers", "0"],
     ),
+    ("spkdist shard --demo --heldout-speakers 0.34 --out shards/fsdd-heldout", ["--workers", "1"]),
     (
-        "spkdist embed --checkpoint runs/boss --shards shards/hw4 --split valid --out emb.npz",
+        "python launch/train.py --config sample.yaml data.shards=shards/fsdd-heldout "
+        "train.output_dir=runs/open-set train.eval_verification=true",
+        [*QUICK_TRAINING, "train.verification_trials=50"],
+    ),
+    (
+        "spkdist embed --checkpoint runs/open-set --shards shards/fsdd-heldout --split heldout --out emb.npz",
         ["--num-workers", "0"],
     ),
-    ("spkdist trials --shards shards/hw4 --split valid --out trials.txt", []),
+    ("spkdist trials --shards shards/fsdd-heldout --split heldout --out trials.txt", []),
     (
-        "spkdist embed --checkpoint runs/boss --shards shards/hw4 --split train --per-speaker-mean "
-        "--out cohort.npz",
+        "spkdist embed --checkpoint runs/open-set --shards shards/fsdd-heldout --split train "
+        "--per-speaker-mean --out cohort.npz",
         ["--num-workers", "0"],
     ),
     ("spkdist score --embeddings emb.npz --trials trials.txt --cohort cohort.npz", ["--top-n", "4"]),
+    ("spkdist export --checkpoint runs/open-set --out open-set.onnx --shards shards/fsdd-heldout", []),
     ("spkdist average runs/boss --last 3 --out runs/boss/averaged", ["--last", "1"]),
     ("spkdist bench loader --scale 0.25", ["--scale", "0.01", "--workers", "1", "--repeats", "1"]),
     ("spkdist bench step --models sample boss", ["--steps", "1", "--warmup", "0", "--repeats", "1"]),

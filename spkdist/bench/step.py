@@ -129,6 +129,7 @@ def our_loop(cfg, batches: list[Batch], accelerator: Accelerator):
         state=TrainState(),
         train_batches=itertools.cycle(batches),
         valid_loader=None,
+        heldout=None,
         n_mels=N_MELS,
         payload={},
         out=Path("."),
