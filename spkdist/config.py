@@ -153,7 +153,8 @@ class OptimConfig:
     """AdamW moment coefficients."""
     warmup_steps: int | None = 1000
     """Optimizer steps of linear warmup from 0 to `lr`; then cosine decay to 0 at train.max_steps. Set
-    exactly one of warmup_steps and warmup_fraction (the other null)."""
+    exactly one of warmup_steps and warmup_fraction (the other null); a command-line override of one of
+    them nulls the other."""
     warmup_fraction: float | None = None
     """Warmup as a share of train.max_steps, in [0, 1): it follows the run's length (0.1 of a 3,000-step
     run is 300 steps; the 1,000 steps sized for 70,000 would be a third of it)."""
@@ -301,6 +302,9 @@ def resolve_config_path(name: str | Path) -> Path | Traversable:
     )
 
 
+WARMUP_FIELDS = ("warmup_steps", "warmup_fraction")
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, check and return it."""
     path = resolve_config_path(path)
@@ -310,6 +314,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise SpkdistError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SpkdistError(f"{path}: expected a mapping of sections (data, model, optim, train, log)")
+    overridden = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -319,6 +324,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if not isinstance(raw[section], dict):
             raise SpkdistError(f"{path}: section '{section}' must be a mapping")
         raw[section][name] = _parse_override_value(value)
+        overridden.add((section, name))
+    # The warm-up is given one way: an override of either form replaces the file's, whichever it used.
+    warmup = [name for name in WARMUP_FIELDS if ("optim", name) in overridden]
+    if len(warmup) == 1:
+        (other,) = set(WARMUP_FIELDS) - set(warmup)
+        raw["optim"][other] = None
     model = raw.get("model")
     if isinstance(model, dict) and "encoder" not in model and model.get("name") in ("strong", "boss"):
         # before `model.encoder` existed the recipe name chose it: such a file would now silently build

@@ -5,6 +5,7 @@ AAM-softmax, a margin warm-up and a warm-up that follows the run's length."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 
@@ -155,11 +156,47 @@ def test_margin_warmup_reaches_the_head_during_training(tiny_shards, tmp_path):
     assert float(result.model.head.margin_now) == pytest.approx(0.2 * 3 / 8)  # set before step 4
 
 
-def test_warmup_is_exactly_one_of_steps_and_a_fraction_of_the_run():
-    cfg = load_config("sample.yaml", ["optim.warmup_steps=null", "optim.warmup_fraction=0.1"])
-    assert cfg.optim.warmup(3000) == 300 and load_config("sample.yaml").optim.warmup(3000) == 1000
-    for overrides in (["optim.warmup_fraction=0.1"], ["optim.warmup_steps=null"]):
+def test_warmup_is_exactly_one_of_steps_and_a_fraction_of_the_run(tmp_path):
+    assert load_config("sample.yaml").optim.warmup(3000) == 300  # the recipes: 10% of the run
+    # an override of either form replaces the file's, whichever the file used
+    assert load_config("sample.yaml", ["optim.warmup_steps=1000"]).optim.warmup(3000) == 1000
+    steps_file = tmp_path / "steps.yaml"
+    steps_file.write_text("optim:\n  warmup_steps: 50\n")
+    assert load_config(steps_file, ["optim.warmup_fraction=0.2"]).optim.warmup(3000) == 600
+    # both, or neither, is an error
+    for overrides in (
+        ["optim.warmup_fraction=0.1", "optim.warmup_steps=5"],
+        ["optim.warmup_steps=null", "optim.warmup_fraction=null"],
+    ):
         with pytest.raises(SpkdistError, match=r"set exactly one of optim\.warmup_steps and optim\."):
             load_config("sample.yaml", overrides)
+    with pytest.raises(SpkdistError, match=r"set exactly one of optim\.warmup_steps"):
+        config_from_dict({"optim": {"warmup_steps": 10, "warmup_fraction": 0.1}})
     with pytest.raises(SpkdistError, match=r"optim.warmup_fraction must be in \[0, 1\)"):
         config_from_dict({"optim": {"warmup_steps": None, "warmup_fraction": 1.5}})
+
+
+def test_the_ablation_turns_each_lever_of_a_recipe_off():
+    from spkdist.bench.ablation import LEVERS, levers_on
+
+    every = [
+        "model.feature_norm=mean_var",
+        "data.time_masks=2",
+        "model.pooling=attentive_stats",
+        "model.head=aam_softmax",
+        "train.margin_warmup=[0, 100]",
+    ]
+    cfg = load_config("boss.yaml", every)
+    assert set(levers_on(cfg)) == set(LEVERS)
+    for name, off in levers_on(cfg).items():
+        without = load_config("boss.yaml", [*every, *off])
+        assert set(levers_on(without)) == set(LEVERS) - {name}, name
+    assert levers_on(load_config("sample.yaml")) == {}
+
+
+def test_the_logistic_baseline_separates_the_tiny_speakers(tiny_shards, capsys):
+    from spkdist.cli import main
+
+    assert main(["bench", "baseline", "--shards", str(tiny_shards)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["test_accuracy"] == 1.0  # 4 speakers, each with its own spectral shape: an easy floor

@@ -12,13 +12,15 @@ import json
 from functools import partial
 from types import ModuleType
 
-from . import gpu, loader, recipes, shard_throughput, step
+from . import ablation, baseline, gpu, loader, recipes, shard_throughput, step
 
 BENCHMARKS: dict[str, ModuleType] = {
     "shard": shard_throughput,
     "loader": loader,
     "step": step,
     "recipes": recipes,
+    "ablation": ablation,
+    "baseline": baseline,
     "gpu": gpu,
 }
 
