@@ -15,9 +15,11 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +67,7 @@ def export(checkpoint: str, out: str, what: str, shards: str | None, split: str)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     os.close(fd)
     try:
-        # the exporter's progress lines, and its warnings about naming the dynamic axes
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             torch.onnx.export(
                 exported,
                 example,
@@ -91,6 +91,21 @@ def export(checkpoint: str, out: str, what: str, shards: str | None, split: str)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return {"out": str(out_path), "what": what, "inputs": source, **report}
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch.onnx without its progress lines (stdout), its warnings about naming the dynamic axes, and
+    its log lines about operators of packages that are not installed (torchvision)."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def parity_utterances(shards: str | None, split: str, n_mels: int) -> tuple[list[np.ndarray], str]:
