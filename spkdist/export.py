@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import SpkdistError
-from .infer import load_trained_model
+from .infer import check_n_mels, load_trained_model
 from .shard_format import decode_sample, load_index, read_tar_samples, shard_urls
 
 OUTPUTS = ("embedding", "logits")
@@ -115,8 +115,7 @@ def parity_utterances(shards: str | None, split: str, n_mels: int) -> tuple[list
         rng = np.random.default_rng(0)
         return [rng.normal(-6, 3, (t, n_mels)).astype(np.float32) for t in (20, 150, 600)], "synthetic"
     index = load_index(shards)
-    if index["n_mels"] != n_mels:
-        raise SpkdistError(f"{shards}: features have {index['n_mels']} mel bins, the model expects {n_mels}")
+    check_n_mels(shards, index, n_mels)
     first = shard_urls(shards, index, split)[0]
     samples = sorted(
         (decode_sample(key, parts, n_mels).mels for key, parts in read_tar_samples(first)), key=len

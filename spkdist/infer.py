@@ -81,16 +81,19 @@ def load_ensemble(checkpoints: Sequence[str]) -> tuple[nn.Module, dict[str, Any]
     return (models[0] if len(models) == 1 else PosteriorAverage(models).eval()), first
 
 
+def check_n_mels(shards: str, index: dict[str, Any], n_mels: int) -> None:
+    """The shards' features must have the mel bins the model was trained on."""
+    if index["n_mels"] != n_mels:
+        raise SpkdistError(f"{shards}: features have {index['n_mels']} mel bins, the model expects {n_mels}")
+
+
 def prepare_inference(
     checkpoint: str | Sequence[str], shards: str, split: str, batch_size: int, num_workers: int
 ):
     """Model and loader for this process; under `accelerate launch` each rank takes its share of the split."""
     index = load_index(shards)
     model, payload = load_ensemble([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
-    if index["n_mels"] != payload["n_mels"]:
-        raise SpkdistError(
-            f"{shards}: features have {index['n_mels']} mel bins, the model expects {payload['n_mels']}"
-        )
+    check_n_mels(shards, index, payload["n_mels"])
     accelerator = make_accelerator(DEFAULT_COLLECTIVE_TIMEOUT)
     loader = eval_loader(
         shards,

@@ -17,7 +17,7 @@ from .distributed import leave_process_group
 from .evaluation import embed
 from .fsutil import atomic_write_bytes
 from .infer import prepare_inference
-from .shard_format import split_speakers
+from .shard_format import load_index, split_speakers
 from .verification import (
     Embeddings,
     asnorm,
@@ -147,7 +147,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _trials(args: argparse.Namespace) -> None:
-    keys, speakers = split_speakers(args.shards, args.split)
+    keys, speakers = split_speakers(args.shards, load_index(args.shards), args.split)
     write_trials(args.out, make_trials(keys, speakers, args.targets, args.nontargets, args.seed))
     print(f"wrote {args.targets} target and {args.nontargets} non-target trials to {args.out}")
 

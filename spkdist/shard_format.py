@@ -457,17 +457,27 @@ class Sample(NamedTuple):
     speaker: str | None = None  # the name; held-out speakers have it but no class id
 
 
-def split_speakers(shards: str, split: str) -> tuple[list[str], list[str]]:
-    """(keys, speaker names) of a split's utterances, read from the shards' metadata."""
-    index = load_index(shards)
-    keys, speakers = [], []
-    for url in shard_urls(shards, index, split):
+def split_samples(
+    location: str | os.PathLike, index: dict[str, Any], split: str
+) -> Iterator[tuple[str, Sample]]:
+    """(shard URL, decoded Sample) of every utterance of a split, in index order, read in this process
+    (the training and evaluation streams have their own, sharded readers)."""
+    for url in shard_urls(location, index, split):
         for key, parts in read_tar_samples(url):
-            sample = decode_sample(key, parts, index["n_mels"])  # a damaged sample is an error here too
-            if sample.speaker is None:
-                raise SpkdistError(f"{url}: sample {key} has no speaker; trials need a labeled split")
-            keys.append(key)
-            speakers.append(sample.speaker)
+            yield url, decode_sample(key, parts, index["n_mels"])
+
+
+def split_speakers(
+    location: str | os.PathLike, index: dict[str, Any], split: str
+) -> tuple[list[str], list[str]]:
+    """(keys, speaker names) of a split's utterances; every sample is decoded, so a damaged one is an
+    error here too."""
+    keys, speakers = [], []
+    for url, sample in split_samples(location, index, split):
+        if sample.speaker is None:
+            raise SpkdistError(f"{url}: sample {sample.key} has no speaker; trials need a labeled split")
+        keys.append(sample.key)
+        speakers.append(sample.speaker)
     return keys, speakers
 
 

@@ -244,7 +244,7 @@ def verification_setup(cfg: Config, index: dict[str, Any], rank: int, world: int
             "(made by spkdist shard --heldout-speakers)"
         )
     n = cfg.train.verification_trials
-    trials = make_trials(*split_speakers(cfg.data.shards, HELDOUT), n, n, cfg.train.seed)
+    trials = make_trials(*split_speakers(cfg.data.shards, index, HELDOUT), n, n, cfg.train.seed)
     loader = eval_loader(
         cfg.data.shards,
         index,

@@ -102,12 +102,12 @@ def heldout_eer(checkpoint: Path, shards: Path, trials: int, seed: int, tmp: Pat
     """The EER a one-process `spkdist embed` of `checkpoint` gets on the trials that training with
     train.eval_verification (train.verification_trials=`trials`, train.seed=`seed`) scores."""
     from spkdist.open_set import run_embed
-    from spkdist.shard_format import HELDOUT, split_speakers
+    from spkdist.shard_format import HELDOUT, load_index, split_speakers
     from spkdist.verification import Embeddings, cosine_scores, eer, make_trials, trial_rows
 
     run_embed(str(checkpoint), str(shards), HELDOUT, str(tmp / "heldout.npz"), batch_size=5, num_workers=0)
     embeddings = Embeddings.load(tmp / "heldout.npz")
-    pairs = make_trials(*split_speakers(str(shards), HELDOUT), trials, trials, seed)
+    pairs = make_trials(*split_speakers(str(shards), load_index(shards), HELDOUT), trials, trials, seed)
     labels, enroll, test = trial_rows(embeddings, pairs)
     return eer(cosine_scores(embeddings.vectors, enroll, test), labels)[0]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import SpkdistError
-from ..shard_format import decode_sample, load_index, read_tar_samples, shard_urls
+from ..shard_format import load_index, split_samples
 
 EXAMPLE = "spkdist bench baseline --shards shards/hard"
 
@@ -29,12 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def statistics(shards: str, index: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(mean and std per mel bin (N, 2 n_mels) float64, class ids (N,)) of a split's utterances."""
     rows, labels = [], []
-    for url in shard_urls(shards, index, split):
-        for key, parts in read_tar_samples(url):
-            sample = decode_sample(key, parts, index["n_mels"])
-            mels = sample.mels.astype(np.float64)  # (frames, n_mels)
-            rows.append(np.concatenate([mels.mean(axis=0), mels.std(axis=0)]))
-            labels.append(sample.speaker_id)
+    for _, sample in split_samples(shards, index, split):
+        mels = sample.mels.astype(np.float64)  # (frames, n_mels)
+        rows.append(np.concatenate([mels.mean(axis=0), mels.std(axis=0)]))
+        labels.append(sample.speaker_id)
     labels = np.array(labels)
     if (labels < 0).any():
         raise SpkdistError(f"{shards}: the {split} split has utterances without a class")
