@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 
 from .argtypes import nonnegative_int, positive_int
 from .distributed import leave_process_group
+from .errors import SpkdistError
 from .evaluation import embed
 from .fsutil import atomic_write_bytes
 from .infer import prepare_inference
@@ -118,15 +119,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "score",
         help="EER and minDCF of embeddings on a trial list",
-        description="Score every trial by the cosine of its two embeddings (or adaptive s-norm with "
-        "--cohort) and print one JSON line: eer (where the miss and false-alarm rates cross, linearly "
+        description="Score every trial by the cosine of its two embeddings (or adaptive s-norm: --norm "
+        "asnorm --cohort) and print one JSON line: eer (where the miss and false-alarm rates cross, linearly "
         "interpolated between the two nearest thresholds) and its threshold, min_dcf at P_target 0.01 and "
         "0.05 (C_miss = C_fa = 1, normalised by the best trivial decision), and the trial counts.",
-        epilog="Example: spkdist score --embeddings emb.npz --trials trials.txt --cohort train_means.npz",
+        epilog="Example: spkdist score --embeddings emb.npz --trials trials.txt --norm asnorm "
+        "--cohort train_means.npz",
     )
     p.add_argument("--embeddings", required=True, help=".npz written by spkdist embed")
     p.add_argument("--trials", required=True, help="`label enroll_key test_key` lines")
-    p.add_argument("--cohort", help="cohort embeddings (.npz) for adaptive s-norm; default: plain cosine")
+    p.add_argument("--norm", choices=["none", "asnorm"], default="none", help="asnorm needs --cohort")
+    p.add_argument("--cohort", help="cohort embeddings (.npz) for --norm asnorm (embed --per-speaker-mean)")
     p.add_argument("--top-n", type=positive_int, default=300, help="cohort scores per side in AS-norm")
     p.add_argument("--scores-out", help="also write `score enroll test` lines here")
     p.set_defaults(run=_score)
@@ -153,4 +156,6 @@ def _trials(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    if (args.norm == "asnorm") != (args.cohort is not None):
+        raise SpkdistError("--norm asnorm and --cohort go together: AS-norm needs a cohort, cosine uses none")
     print(json.dumps(run_score(args.embeddings, args.trials, args.cohort, args.top_n, args.scores_out)))

@@ -49,7 +49,10 @@ COMMANDS = [
         "--per-speaker-mean --out cohort.npz",
         ["--num-workers", "0"],
     ),
-    ("spkdist score --embeddings emb.npz --trials trials.txt --cohort cohort.npz", ["--top-n", "4"]),
+    (
+        "spkdist score --embeddings emb.npz --trials trials.txt --norm asnorm --cohort cohort.npz",
+        ["--top-n", "4"],
+    ),
     ("spkdist export --checkpoint runs/open-set --out open-set.onnx --shards shards/fsdd-heldout", []),
     ("spkdist average runs/boss --last 3 --out runs/boss/averaged", ["--last", "1"]),
     ("spkdist bench loader --scale 0.25", ["--scale", "0.01", "--workers", "1", "--repeats", "1"]),

@@ -83,7 +83,7 @@ def test_trials_are_seeded_balanced_and_never_self_pairs():
     assert sum(1 for label, *_ in trials if label == 0) == 60
 
 
-def test_bad_trials_and_embeddings_are_one_line_errors(tmp_path):
+def test_bad_trials_and_embeddings_are_one_line_errors(tmp_path, capsys):
     emb = Embeddings(np.array(["a", "b"]), np.array(["x", "y"]), np.eye(2, dtype=np.float32))
     (tmp_path / "t1").write_text("1 a b\n2 a b\n")
     with pytest.raises(SpkdistError, match=r"t1:2: expected `label enroll_key test_key`"):
@@ -98,6 +98,11 @@ def test_bad_trials_and_embeddings_are_one_line_errors(tmp_path):
         from spkdist.open_set import run_score
 
         run_score(str(tmp_path / "e.npz"), str(tmp_path / "t3"), str(tmp_path / "cohort.npz"), 10, None)
+    score = ["score", "--embeddings", str(tmp_path / "e.npz"), "--trials", str(tmp_path / "t3")]
+    cohort = ["--cohort", str(tmp_path / "cohort.npz")]
+    for flags in (["--norm", "asnorm"], cohort):  # AS-norm without a cohort; a cohort that cosine ignores
+        assert main([*score, *flags]) == 2
+        assert "--norm asnorm and --cohort go together" in capsys.readouterr().err
 
 
 def test_held_out_fsdd_speakers_embed_trials_score_end_to_end(tmp_path, capsys):
@@ -129,7 +134,8 @@ def test_held_out_fsdd_speakers_embed_trials_score_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", "--embeddings", emb, "--trials", trials]) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert main(["score", "--embeddings", emb, "--trials", trials, "--cohort", cohort, "--top-n", "4"]) == 0
+    asnorm = ["--norm", "asnorm", "--cohort", cohort, "--top-n", "4"]
+    assert main(["score", "--embeddings", emb, "--trials", trials, *asnorm]) == 0
     normed = json.loads(capsys.readouterr().out)
     assert plain["target_trials"] == plain["nontarget_trials"] == 300
     assert plain["eer"] < 0.3 and normed["norm"] == "asnorm" and normed["eer"] < 0.3  # chance: 0.5
