@@ -272,12 +272,20 @@ def test_ctrl_c_stops_cleanly(make_hw4, tmp_path):
 
 
 def test_bench_shard_reports_json(capsys, tmp_path):
-    assert main(["bench", "shard", "--scale", "0.001", "--dir", str(tmp_path)]) == 0
+    scratch = tmp_path / "not" / "yet"  # --dir is made when missing
+    assert main(["bench", "shard", "--scale", "0.001", "--dir", str(scratch)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["utterances"] == 608  # every one of the 600 speakers keeps a train utterance, + 8 test
     assert result["utts_per_s"] > 0 and result["mb_per_s"] > 0
     assert result["ratio_to_tar"] == pytest.approx(result["shard_s"] / result["tar_s"], rel=0.01)
-    assert list(tmp_path.iterdir()) == []  # the benchmark's data is cleaned up
+    assert list(scratch.iterdir()) == []  # the benchmark's data is cleaned up
+
+
+def test_bench_dir_that_is_a_file_is_a_one_line_error(cli_error, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "shard", "--scale", "0.001", "--dir", str(tmp_path / "file")]) == 2
+    expected = f"spkdist: error: {tmp_path / 'file'}: cannot be the benchmark's directory (File exists)"
+    assert cli_error() == expected
 
 
 def test_bench_recipes_checks_given_shards_before_training(make_hw4, shard_cli, cli_error, tmp_path):

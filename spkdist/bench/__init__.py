@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 from functools import partial
+from pathlib import Path
 from types import ModuleType
 
+from ..errors import SpkdistError
 from . import ablation, baseline, gpu, loader, recipes, shard_throughput, step
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -41,4 +43,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> None:
+    if getattr(args, "dir", None) is not None:  # every benchmark's scratch space; made if missing
+        try:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problem = f"cannot be the benchmark's directory ({error.strerror})"
+            raise SpkdistError(f"{args.dir}: {problem}") from None
     print(json.dumps(module.run(args)))
