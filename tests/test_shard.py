@@ -322,3 +322,13 @@ def test_pt_reader_reads_what_torch_load_reads(tensor, legacy_format, tmp_path):
     torch.save(tensor, tmp_path / "t.pt", _use_new_zipfile_serialization=not legacy_format)
     expected = torch.load(tmp_path / "t.pt").double().numpy()
     np.testing.assert_array_equal(load_tensor(tmp_path / "t.pt").astype(np.float64), expected)
+
+
+def test_bench_recipes_shows_the_training_live_and_ends_on_its_error(tiny_shards, capsys):
+    argv = ["bench", "recipes", "--shards", str(tiny_shards), "--recipes", "sample", "--steps", "1"]
+    assert main([*argv, "--workers", "0", "--set", "optim.lr=-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout keeps only the report; the child's output went to stderr
+    child, ours = captured.err.strip().splitlines()[-2:]
+    assert child.startswith("spkdist: error: ") and "optim.lr" in child  # passed on as it came
+    assert ours == f"spkdist: error: training sample failed: {child.removeprefix('spkdist: error: ')}"

@@ -24,6 +24,7 @@ from ..config import RECIPES
 from ..errors import SpkdistError, child_error
 from ..infer import run_evaluate
 from ..shard_format import load_index, shard_urls
+from .child import run_live
 
 EXAMPLE = "spkdist bench recipes --shards shards/hard --steps 3000"
 
@@ -100,14 +101,12 @@ def train_and_test(
         *overrides,
     ]
     start = time.perf_counter()
-    trained = subprocess.run(
-        [sys.executable, "-m", "spkdist.train", "--config", f"{name}.yaml", *overrides],
-        capture_output=True,
-        text=True,
+    returncode, output = run_live(
+        [sys.executable, "-m", "spkdist.train", "--config", f"{name}.yaml", *overrides]
     )
     seconds = time.perf_counter() - start
-    if trained.returncode != 0:
-        raise SpkdistError(f"training {label or name} failed: {child_error(trained.stderr)}")
+    if returncode != 0:
+        raise SpkdistError(f"training {label or name} failed: {child_error(output)}")
     accuracy = {
         split: run_evaluate(str(run_dir), str(shards), split, batch_size=64, num_workers=workers)["accuracy"]
         for split in splits
