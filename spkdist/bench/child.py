@@ -21,4 +21,5 @@ def run_live(command: list[str]) -> tuple[int, str]:
             sys.stderr.write(decoder.decode(chunk))
             sys.stderr.flush()
             tail = (tail + chunk)[-TAIL_BYTES:]
+    sys.stderr.write(decoder.decode(b"", final=True))
     return child.returncode, tail.decode(errors="replace")
