@@ -60,11 +60,15 @@ def run_embed(
         leave_process_group()
 
 
-def run_score(embeddings: str, trials: str, cohort: str | None, top_n: int, scores_out: str | None) -> dict:
-    """Score a trial list (cosine, or AS-norm against `cohort`) and return the report."""
+def run_score(
+    embeddings: str, trials: str, norm: str, cohort: str | None, top_n: int, scores_out: str | None
+) -> dict:
+    """Score a trial list (norm none: cosine; asnorm: adaptive s-norm against `cohort`); the report."""
+    if (norm == "asnorm") != (cohort is not None):
+        raise SpkdistError("--norm asnorm and --cohort go together: AS-norm needs a cohort, cosine uses none")
     emb = Embeddings.load(embeddings)
     labels, enroll, test = read_trials(trials, emb)
-    if cohort is None:
+    if norm == "none":
         scores = cosine_scores(emb.vectors, enroll, test)
     else:
         cohort_emb = Embeddings.load(cohort)
@@ -74,7 +78,7 @@ def run_score(embeddings: str, trials: str, cohort: str | None, top_n: int, scor
         rows = zip(scores, enroll, test, strict=True)
         lines = "".join(f"{s:.6f} {emb.keys[e]} {emb.keys[t]}\n" for s, e, t in rows)
         atomic_write_bytes(scores_out, lines.encode())
-    return score_report(scores, labels) | {"norm": "asnorm" if cohort else "none"}
+    return score_report(scores, labels) | {"norm": norm}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -156,6 +160,5 @@ def _trials(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    if (args.norm == "asnorm") != (args.cohort is not None):
-        raise SpkdistError("--norm asnorm and --cohort go together: AS-norm needs a cohort, cosine uses none")
-    print(json.dumps(run_score(args.embeddings, args.trials, args.cohort, args.top_n, args.scores_out)))
+    report = run_score(args.embeddings, args.trials, args.norm, args.cohort, args.top_n, args.scores_out)
+    print(json.dumps(report))

@@ -97,7 +97,9 @@ def test_bad_trials_and_embeddings_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SpkdistError, match=r"cohort\.npz: embeddings of dimension 3, .*e\.npz has 2"):
         from spkdist.open_set import run_score
 
-        run_score(str(tmp_path / "e.npz"), str(tmp_path / "t3"), str(tmp_path / "cohort.npz"), 10, None)
+        run_score(
+            str(tmp_path / "e.npz"), str(tmp_path / "t3"), "asnorm", str(tmp_path / "cohort.npz"), 10, None
+        )
     score = ["score", "--embeddings", str(tmp_path / "e.npz"), "--trials", str(tmp_path / "t3")]
     cohort = ["--cohort", str(tmp_path / "cohort.npz")]
     for flags in (["--norm", "asnorm"], cohort):  # AS-norm without a cohort; a cohort that cosine ignores
