@@ -150,7 +150,8 @@ def _embed(args: argparse.Namespace) -> None:
         args.per_speaker_mean,
     )
     if PartialState().is_main_process:
-        print(f"wrote {count} embeddings to {args.out}")
+        what = "each speaker's mean embedding" if args.per_speaker_mean else "one embedding each"
+        print(f"embedded {count} utterances; wrote {what} to {args.out}")
 
 
 def _trials(args: argparse.Namespace) -> None:

@@ -133,7 +133,9 @@ def test_held_out_fsdd_speakers_embed_trials_score_end_to_end(tmp_path, capsys):
         main(["embed", "--checkpoint", str(run_dir), *train_split, "--out", cohort, "--num-workers", "0"])
         == 0
     )
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    assert f"wrote one embedding each to {emb}\n" in said
+    assert f"wrote each speaker's mean embedding to {cohort}\n" in said  # 4 means, not 4 speakers' utterances
     assert main(["score", "--embeddings", emb, "--trials", trials]) == 0
     plain = json.loads(capsys.readouterr().out)
     asnorm = ["--norm", "asnorm", "--cohort", cohort, "--top-n", "4"]
