@@ -52,7 +52,7 @@ def test_the_recipe_files_define_the_homework_recipes():
         "boss": ("conformer", 224, 4, 3, 256, 0.2),
     }
     assert [(c.pooling, c.head) for c in cfgs.values()] == [("mean", "linear")] * 3 + [
-        ("attention", "am_softmax")
+        ("attention", "aam_softmax")
     ]
     assert (cfgs["boss"].kernel_size, cfgs["boss"].margin, cfgs["boss"].scale) == (31, 0.2, 30.0)
     assert all(cfg.name == name for name, cfg in cfgs.items())
