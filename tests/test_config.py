@@ -21,7 +21,7 @@ def test_recipes_load_and_match_their_names(name):
 
 def test_recipe_architectures_follow_the_homework():
     boss = load_config("boss.yaml").model
-    assert (boss.d_model, boss.n_layers, boss.pooling, boss.head) == (224, 3, "attention", "am_softmax")
+    assert (boss.d_model, boss.n_layers, boss.pooling, boss.head) == (224, 3, "attention", "aam_softmax")
     assert (boss.margin, boss.scale) == (0.2, 30.0)
     medium = load_config("medium").model
     assert (medium.d_model, medium.n_layers, medium.n_heads) == (120, 4, 4)
