@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import make_tiny_shards, tar_samples
 
+from spkdist.checkpoint import checkpoint_dir, step_checkpoints
 from spkdist.cli import build_parser, main
 from spkdist.errors import SpkdistError
 from spkdist.shard_format import INDEX_NAME, load_index, ustar_header, verify
@@ -327,6 +328,19 @@ def test_pt_reader_reads_what_torch_load_reads(tensor, legacy_format, tmp_path):
     torch.save(tensor, tmp_path / "t.pt", _use_new_zipfile_serialization=not legacy_format)
     expected = torch.load(tmp_path / "t.pt").double().numpy()
     np.testing.assert_array_equal(load_tensor(tmp_path / "t.pt").astype(np.float64), expected)
+
+
+def test_bench_recipes_keeps_its_runs_in_dir(tiny_shards, capsys, tmp_path):
+    argv = ["bench", "recipes", "--shards", str(tiny_shards), "--recipes", "sample", "--steps", "1"]
+    argv += ["--workers", "0", "--dir", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    (kept,) = step_checkpoints(checkpoint_dir(tmp_path / "runs" / "sample"))
+    assert (kept / "model.pt").is_file()  # there to be averaged, ensembled or evaluated again
+    capsys.readouterr()
+    assert main(argv) == 2  # a second benchmark into the same place does not train over the first
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("spkdist: error: training sample failed: ")
+    assert "holds checkpoints of an earlier run" in last
 
 
 def test_bench_recipes_shows_the_training_live_and_ends_on_its_error(tiny_shards, capsys):

@@ -43,7 +43,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> None:
-    if getattr(args, "dir", None) is not None:  # every benchmark's scratch space; made if missing
+    if getattr(args, "dir", None) is not None:  # every benchmark's --dir; made if missing
         try:
             Path(args.dir).mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from ..argtypes import nonnegative_int, positive_int
 from ..config import RECIPES, Config, load_config
-from .recipes import train_and_test
+from .recipes import train_and_test, work_dir
 
 EXAMPLE = "spkdist bench ablation --shards shards/hard --steps 1000"
 
@@ -43,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="boss", choices=RECIPES, help="the recipe to ablate")
     parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps per run")
     parser.add_argument("--workers", type=nonnegative_int, default=2, help="data loader workers")
-    parser.add_argument("--dir", default=None, help="where the runs go (default: a temp directory)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="keep the runs here, DIR/0 (as configured), DIR/1, ... in the report's order; "
+        "default: a temporary directory, deleted at the end",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
         f"without {name}": off for name, off in levers_on(load_config(f"{args.recipe}.yaml")).items()
     }
     results = []
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with work_dir(args.dir) as tmp:
         for number, (label, off) in enumerate(variants.items()):
             result = train_and_test(
                 args.recipe,

@@ -12,6 +12,7 @@ train_seconds, steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -44,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a labeled shard directory with train, valid and test splits (default: shard the FSDD demo)",
     )
-    parser.add_argument("--dir", default=None, help="where shards and runs go (default: a temp directory)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="keep the runs here, one directory per recipe (and the demo's shards in DIR/fsdd); "
+        "default: a temporary directory, deleted at the end",
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -55,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with work_dir(args.dir) as tmp:
         if args.shards is None:
             shards = Path(tmp) / "fsdd"
             command = [sys.executable, "-m", "spkdist.cli", "shard", "--demo", "--out", str(shards)]
@@ -76,6 +82,14 @@ def run(args: argparse.Namespace) -> dict:
     for result in results[:-1]:
         print(json.dumps(result))
     return results[-1]
+
+
+def work_dir(directory: str | None) -> contextlib.AbstractContextManager[str]:
+    """`directory`, kept afterwards so that its checkpoints can be averaged, ensembled or evaluated
+    again (`bench` made it), or a temporary directory deleted at the end."""
+    if directory is None:
+        return tempfile.TemporaryDirectory()
+    return contextlib.nullcontext(directory)
 
 
 def train_and_test(
