@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import make_tiny_shards, tar_samples
 
-from spkdist.checkpoint import checkpoint_dir, step_checkpoints
+from spkdist.checkpoint import MODEL_FILE, checkpoint_dir, step_checkpoints
 from spkdist.cli import build_parser, main
 from spkdist.errors import SpkdistError
 from spkdist.shard_format import INDEX_NAME, load_index, ustar_header, verify
@@ -335,7 +335,7 @@ def test_bench_recipes_keeps_its_runs_in_dir(tiny_shards, capsys, tmp_path):
     argv += ["--workers", "0", "--dir", str(tmp_path / "runs")]
     assert main(argv) == 0
     (kept,) = step_checkpoints(checkpoint_dir(tmp_path / "runs" / "sample"))
-    assert (kept / "model.pt").is_file()  # there to be averaged, ensembled or evaluated again
+    assert (kept / MODEL_FILE).is_file()  # there to be averaged, ensembled or evaluated again
     capsys.readouterr()
     assert main(argv) == 2  # a second benchmark into the same place does not train over the first
     last = capsys.readouterr().err.strip().splitlines()[-1]
