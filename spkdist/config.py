@@ -102,7 +102,8 @@ class ModelConfig:
     encoder: Literal["transformer", "conformer"] = "transformer"
     """Frame encoder: post-norm Transformer layers (sample, medium) or torchaudio's Conformer."""
     d_model: int = 80
-    """Width of every frame vector after the input projection, and of the speaker embedding."""
+    """Width of every frame vector after the input projection; the speaker embedding is as wide as the
+    frames the pooling sees (see layer_aggregation), twice that with attentive statistics."""
     n_heads: int = 2
     """Attention heads per encoder layer; must divide d_model."""
     n_layers: int = 1
@@ -118,9 +119,13 @@ class ModelConfig:
     training, the whole utterance at evaluation): subtract each bin's mean (cepstral mean normalisation),
     and with mean_var also divide by its standard deviation. Part of the model, so every use of a
     checkpoint (evaluate, predict, export) applies it the same way."""
+    layer_aggregation: Literal["last", "concat"] = "last"
+    """What a Conformer hands the pooling: its last layer's frames (width d_model), or every layer's frames
+    side by side (width n_layers x d_model; the multi-scale feature aggregation of MFA-Conformer, Zhang et
+    al. 2022), so the pooling also sees the lower layers' finer acoustic detail. Conformer only."""
     pooling: Literal["mean", "attention", "attentive_stats"] = "mean"
     """Frames -> one vector, all ignoring padded frames: masked mean, self-attentive pooling, or attentive
-    statistics (attention-weighted mean and standard deviation: an embedding of 2 x d_model)."""
+    statistics (attention-weighted mean and standard deviation: an embedding twice the frames' width)."""
     head: Literal["linear", "am_softmax", "aam_softmax"] = "linear"
     """Classifier: Linear-ReLU-Linear, or a cosine head with an additive margin on the target: AM-softmax
     (cos - m) or AAM-softmax (ArcFace: cos(theta + m))."""
@@ -141,6 +146,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not math.isfinite(self.scale):
             raise ValueError(f"model.scale must be finite, got {self.scale}")
+        if self.layer_aggregation == "concat" and self.encoder != "conformer":
+            raise ValueError(
+                f"model.layer_aggregation=concat needs model.encoder=conformer, got {self.encoder}"
+            )
 
 
 @dataclass

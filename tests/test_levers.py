@@ -1,6 +1,7 @@
 """The training levers of the accuracy work, each off unless a config turns it on: SpecAugment in the
 training stream, per-utterance feature normalisation inside the model, attentive statistics pooling,
-AAM-softmax, a margin warm-up and a warm-up that follows the run's length."""
+the Conformer's layer aggregation, AAM-softmax, a margin warm-up and a warm-up that follows the run's
+length."""
 
 from __future__ import annotations
 
@@ -63,16 +64,20 @@ def test_spec_augment_reaches_training_batches_only_never_padding_or_evaluation(
 
 def model_with(**change) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(
-        load_config("boss.yaml").model, d_model=16, n_heads=2, n_layers=1, ffn_dim=32, kernel_size=5, **change
-    )
+    small = dict(d_model=16, n_heads=2, n_layers=1, ffn_dim=32, kernel_size=5)
+    cfg = dataclasses.replace(load_config("boss.yaml").model, **small | change)
     return build_model(cfg, N_MELS, 7).eval()
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"feature_norm": "mean"}, {"feature_norm": "mean_var"}, {"pooling": "attentive_stats"}],
-    ids=["cmn", "cmvn", "attentive_stats"],
+    [
+        {"feature_norm": "mean"},
+        {"feature_norm": "mean_var"},
+        {"pooling": "attentive_stats"},
+        {"layer_aggregation": "concat", "n_layers": 3},
+    ],
+    ids=["cmn", "cmvn", "attentive_stats", "layer_concat"],
 )
 def test_levers_keep_an_utterance_logits_independent_of_padding(change):
     model = model_with(**change)
@@ -111,6 +116,27 @@ def test_attentive_stats_pooling_is_mean_and_std_under_uniform_weights():
         AttentiveStatsPooling.out_dim(16) == 32
         and model_with(pooling="attentive_stats").head.weight.shape[1] == 32
     )
+
+
+def test_layer_concat_hands_the_pooling_every_conformer_layer_side_by_side():
+    last, concat = model_with(n_layers=3), model_with(n_layers=3, layer_aggregation="concat")
+    assert last.state_dict().keys() - concat.state_dict().keys() == set()  # the encoder's weights alike
+    concat.encoder.load_state_dict(last.encoder.state_dict())
+    mels, mask = torch.randn(2, 9, N_MELS), padding_mask(torch.tensor([9, 5]), 9)
+    layers = []  # each layer's own output, (T, B, D) time-first as torchaudio runs them
+    for layer in last.encoder.conformer.conformer_layers:
+        layer.register_forward_hook(lambda module, args, out: layers.append(out.transpose(0, 1)))
+    with torch.no_grad():
+        plain = last.encoder(mels, mask)  # (B, T, 16)
+        stacked = concat.encoder(mels, mask)  # (B, T, 48)
+    assert stacked.shape == (2, 9, 48) and concat.head.weight.shape == (7, 48)
+    torch.testing.assert_close(stacked, torch.cat(layers, dim=-1))
+    torch.testing.assert_close(stacked[..., 32:], plain)  # the last layer's frames are the plain output
+
+
+def test_layer_concat_needs_a_conformer():
+    with pytest.raises(SpkdistError, match=r"model\.layer_aggregation=concat needs model\.encoder=conformer"):
+        config_from_dict({"model": {"layer_aggregation": "concat"}}, where="exp.yaml")
 
 
 @pytest.mark.parametrize("head_type", [AMSoftmaxHead, AAMSoftmaxHead])

@@ -2,7 +2,7 @@
 
     model = build_model(load_config("boss.yaml").model, n_mels=40, n_speakers=600)
     logits = model(mels, lengths, labels)  # (B, T, n_mels), (B,), (B,) -> (B, n_speakers)
-    emb = model.embed(mels, lengths)  # (B, d_model)
+    emb = model.embed(mels, lengths)  # (B, embedding width)
 
 Encoder, pooling and head are each picked by their own config field (WeSpeaker style: one file per model
 family, pooling layers and margin heads as swappable modules).
@@ -42,15 +42,23 @@ ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
         n_mels, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ffn_dim, cfg.dropout
     ),
     "conformer": lambda cfg, n_mels: ConformerEncoder(
-        n_mels, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ffn_dim, cfg.kernel_size, cfg.dropout
+        n_mels,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_layers,
+        cfg.ffn_dim,
+        cfg.kernel_size,
+        cfg.dropout,
+        concat_layers=cfg.layer_aggregation == "concat",
     ),
 }
-POOLINGS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "mean": lambda cfg: MeanPooling(),
-    "attention": lambda cfg: AttentivePooling(cfg.d_model),
-    "attentive_stats": lambda cfg: AttentiveStatsPooling(cfg.d_model),
+# Poolings take the width of the encoder's frames: d_model, or n_layers x d_model with layer_aggregation.
+POOLINGS: dict[str, Callable[[int], nn.Module]] = {
+    "mean": lambda dim: MeanPooling(),
+    "attention": lambda dim: AttentivePooling(dim),
+    "attentive_stats": lambda dim: AttentiveStatsPooling(dim),
 }
-# Heads take the embedding width, which the pooling decides (attentive statistics: 2 x d_model).
+# Heads take the embedding width, which the pooling decides (attentive statistics: twice the frames').
 HEADS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "linear": lambda cfg, dim, n_speakers: LinearHead(dim, n_speakers),
     "am_softmax": lambda cfg, dim, n_speakers: AMSoftmaxHead(dim, n_speakers, cfg.margin, cfg.scale),
@@ -65,6 +73,7 @@ def build_model(cfg: ModelConfig, n_mels: int, n_speakers: int) -> SpeakerModel:
         raise ValueError(
             f"n_mels and n_speakers must be positive, got n_mels={n_mels}, n_speakers={n_speakers}"
         )
-    pooling = POOLINGS[cfg.pooling](cfg)
-    head = HEADS[cfg.head](cfg, pooling.out_dim(cfg.d_model), n_speakers)
-    return SpeakerModel(ENCODERS[cfg.encoder](cfg, n_mels), pooling, head, cfg.feature_norm)
+    encoder = ENCODERS[cfg.encoder](cfg, n_mels)
+    pooling = POOLINGS[cfg.pooling](encoder.out_dim)
+    head = HEADS[cfg.head](cfg, pooling.out_dim(encoder.out_dim), n_speakers)
+    return SpeakerModel(encoder, pooling, head, cfg.feature_norm)

@@ -17,7 +17,12 @@ from torch import nn
 
 
 class ConformerEncoder(nn.Module):
-    """Linear(n_mels -> d_model), then torchaudio.models.Conformer with padding zeroed before its convs."""
+    """Linear(n_mels -> d_model), then torchaudio.models.Conformer with padding zeroed before its convs.
+
+    With concat_layers the output is every layer's frames side by side (MFA-Conformer's multi-scale
+    feature aggregation): each torchaudio layer ends in its own LayerNorm, so the parts arrive on one
+    scale and need no further norm, and the state_dict stays torchaudio's either way.
+    """
 
     def __init__(
         self,
@@ -28,8 +33,11 @@ class ConformerEncoder(nn.Module):
         ffn_dim: int,
         kernel_size: int,
         dropout: float,
+        concat_layers: bool = False,
     ):
         super().__init__()
+        self.concat_layers = concat_layers
+        self.out_dim = d_model * n_layers if concat_layers else d_model  # the width of forward's frames
         self.prenet = nn.Linear(n_mels, d_model)
         self.conformer = torchaudio.models.Conformer(
             input_dim=d_model,
@@ -56,15 +64,19 @@ class ConformerEncoder(nn.Module):
         return (x.masked_fill(self._conv_mask, 0.0),)
 
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
+        """(B, T, n_mels), (B, T) True = padded -> (B, T, out_dim)."""
         # Run the layers directly, not Conformer.forward: it rebuilds the mask from lengths.max(), a
         # host-device sync, and its mask would be narrower than T when the batch is padded beyond
         # its longest utterance.
         x = self.prenet(mels).transpose(0, 1)  # (T, B, D): torchaudio's layers are time-first
         self._conv_mask = pad_mask.unsqueeze(1)  # (B, 1, T)
+        outputs = []
         try:
             for layer in self.conformer.conformer_layers:
                 x = layer(x, pad_mask)  # (T, B, D)
+                outputs.append(x)
         finally:
             self._conv_mask = None
-        return x.transpose(0, 1)  # (B, T, D)
+        if self.concat_layers:
+            x = torch.cat(outputs, dim=-1)  # (T, B, n_layers * D)
+        return x.transpose(0, 1)  # (B, T, out_dim)

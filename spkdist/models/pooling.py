@@ -1,6 +1,7 @@
 """Pooling: frames (B, T, D) + padding mask (B, T) -> one speaker embedding, ignoring padded frames.
 
-Each pooling module has `out_dim(d_model)`: the embedding width it produces (D, or 2D for statistics).
+Each pooling module has `out_dim(dim)`: the embedding width it produces from frames of width dim (dim,
+or 2 x dim for statistics).
 
 The HW4 reference averaged padded frames into the mean, so a prediction depended on what else was in
 the batch; here padded frames get exactly zero weight.
@@ -14,8 +15,8 @@ class MeanPooling(nn.Module):
     """Average over each utterance's valid frames."""
 
     @staticmethod
-    def out_dim(d_model: int) -> int:
-        return d_model
+    def out_dim(dim: int) -> int:
+        return dim
 
     def forward(self, frames: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         counts = pad_mask.logical_not().sum(dim=1, keepdim=True)  # (B, 1)
@@ -33,8 +34,8 @@ class AttentivePooling(nn.Module):
         self.score = nn.Linear(dim, 1, bias=False)
 
     @staticmethod
-    def out_dim(d_model: int) -> int:
-        return d_model
+    def out_dim(dim: int) -> int:
+        return dim
 
     def weights(self, frames: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """Frame weights (B, T) in fp32, exactly 0 at padded frames, summing to 1."""
@@ -54,8 +55,8 @@ class AttentiveStatsPooling(AttentivePooling):
     a mean alone averages away."""
 
     @staticmethod
-    def out_dim(d_model: int) -> int:
-        return 2 * d_model
+    def out_dim(dim: int) -> int:
+        return 2 * dim
 
     def forward(self, frames: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         weights = self.weights(frames, pad_mask).unsqueeze(-1)  # (B, T, 1) fp32

@@ -9,6 +9,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, n_mels: int, d_model: int, n_heads: int, n_layers: int, ffn_dim: int, dropout: float):
         super().__init__()
+        self.out_dim = d_model  # the width of forward's frames
         self.prenet = nn.Linear(n_mels, d_model)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, ffn_dim, dropout, batch_first=True)
         # no nested tensors: they break under DeepSpeed ZeRO-3's parameter hooks and save little here
