@@ -21,7 +21,12 @@ from spkdist.models import build_model
 
 # Tiny dims, full architecture; the boss variant has every lever on (feature normalisation in the graph).
 VARIANTS = {name: [] for name in RECIPES} | {
-    "boss+levers": ["model.feature_norm=mean_var", "model.pooling=attentive_stats", "model.head=aam_softmax"]
+    "boss+levers": [
+        "model.feature_norm=mean_var",
+        "model.pooling=attentive_stats",
+        "model.head=aam_softmax",
+        "model.layer_aggregation=concat",
+    ]
 }
 
 
