@@ -211,6 +211,7 @@ def test_the_ablation_turns_each_lever_of_a_recipe_off():
         "model.pooling=attentive_stats",
         "model.head=aam_softmax",
         "train.margin_warmup=[0, 100]",
+        "model.layer_aggregation=concat",
     ]
     cfg = load_config("boss.yaml", every)
     assert set(levers_on(cfg)) == set(LEVERS)

@@ -27,6 +27,7 @@ LEVERS = {
         ["data.time_masks=0", "data.freq_masks=0"],
     ),
     "attentive_stats_pooling": (lambda c: c.model.pooling == "attentive_stats", ["model.pooling=attention"]),
+    "layer_aggregation": (lambda c: c.model.layer_aggregation == "concat", ["model.layer_aggregation=last"]),
     "aam_softmax": (lambda c: c.model.head == "aam_softmax", ["model.head=am_softmax"]),
     "margin_warmup": (lambda c: c.train.margin_warmup is not None, ["train.margin_warmup=null"]),
 }
