@@ -91,7 +91,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """Which model to build and how big. The recipes are configs/{sample,medium,strong,boss}.yaml, which
-    spell out every field; these defaults are only the fallback for a field a file leaves out.
+    spell out their sizes and stages; these defaults are the fallback for a field a file leaves out.
 
     The input width (n_mels) and the number of classes (n_speakers) are deliberately not fields: they are
     properties of the data and come from the shard index, so a config cannot disagree with its shards.
