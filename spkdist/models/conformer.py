@@ -70,11 +70,12 @@ class ConformerEncoder(nn.Module):
         # its longest utterance.
         x = self.prenet(mels).transpose(0, 1)  # (T, B, D): torchaudio's layers are time-first
         self._conv_mask = pad_mask.unsqueeze(1)  # (B, 1, T)
-        outputs = []
+        outputs = []  # every layer's frames, kept only for concat_layers (long utterances: memory)
         try:
             for layer in self.conformer.conformer_layers:
                 x = layer(x, pad_mask)  # (T, B, D)
-                outputs.append(x)
+                if self.concat_layers:
+                    outputs.append(x)
         finally:
             self._conv_mask = None
         if self.concat_layers:
