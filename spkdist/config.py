@@ -99,6 +99,13 @@ class ModelConfig:
 
     name: str = "sample"
     """The recipe's name: a label for logs and checkpoints. It selects nothing; the fields below do."""
+    frontend: Literal["linear", "conv2d"] = "linear"
+    """How each log-mel frame becomes a d_model-wide vector before the first encoder layer: the homework's
+    per-frame Linear, or two 3x3 convolutions over time and mel bins (stride 2 over the bins only, every
+    frame kept) and then a Linear: filters shared across the mel axis, as the Conformer paper's
+    convolution subsampling and ResNet speaker models start."""
+    frontend_channels: int = 32
+    """Channels of both convolutions of the conv2d front-end; unused by the linear one."""
     encoder: Literal["transformer", "conformer"] = "transformer"
     """Frame encoder: post-norm Transformer layers (sample, medium) or torchaudio's Conformer."""
     d_model: int = 80
@@ -136,7 +143,9 @@ class ModelConfig:
     """Scale s multiplying every cosine of a margin head; > 0. Unused by the linear head, like margin."""
 
     def validate(self) -> None:
-        _positive(self, "d_model", "n_heads", "n_layers", "ffn_dim", "kernel_size", "scale")
+        _positive(
+            self, "d_model", "n_heads", "n_layers", "ffn_dim", "kernel_size", "frontend_channels", "scale"
+        )
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kernel_size % 2 == 0:

@@ -26,6 +26,8 @@ VARIANTS = {name: [] for name in RECIPES} | {
         "model.pooling=attentive_stats",
         "model.head=aam_softmax",
         "model.layer_aggregation=concat",
+        "model.frontend=conv2d",
+        "model.frontend_channels=4",
     ]
 }
 

@@ -76,8 +76,10 @@ def model_with(**change) -> torch.nn.Module:
         {"feature_norm": "mean_var"},
         {"pooling": "attentive_stats"},
         {"layer_aggregation": "concat", "n_layers": 3},
+        {"frontend": "conv2d", "frontend_channels": 4, "n_layers": 2},
+        {"frontend": "conv2d", "frontend_channels": 4, "encoder": "transformer", "n_layers": 2},
     ],
-    ids=["cmn", "cmvn", "attentive_stats", "layer_concat"],
+    ids=["cmn", "cmvn", "attentive_stats", "layer_concat", "conv_frontend", "conv_frontend_transformer"],
 )
 def test_levers_keep_an_utterance_logits_independent_of_padding(change):
     model = model_with(**change)
@@ -132,6 +134,29 @@ def test_layer_concat_hands_the_pooling_every_conformer_layer_side_by_side():
     assert stacked.shape == (2, 9, 48) and concat.head.weight.shape == (7, 48)
     torch.testing.assert_close(stacked, torch.cat(layers, dim=-1))
     torch.testing.assert_close(stacked[..., 32:], plain)  # the last layer's frames are the plain output
+
+
+def test_conv_frontend_keeps_every_frame_and_shares_its_filters_across_the_mel_axis():
+    from spkdist.models import ConvFrontend
+
+    for n_mels, bins in ((40, 10), (41, 11), (3, 1)):  # ceil(ceil(n / 2) / 2) bins reach the projection
+        frontend = ConvFrontend(n_mels, d_model=8, channels=3)
+        assert frontend.proj.in_features == 3 * bins
+        assert frontend(torch.randn(2, 7, n_mels), padding_mask(torch.tensor([7, 4]), 7)).shape == (2, 7, 8)
+    # A pattern moved up the mel axis by one stride of both convolutions (4 bins) gives the same
+    # convolution outputs, moved by one bin: the filters are shared, not learned per bin.
+    frontend = ConvFrontend(16, d_model=8, channels=3)
+    pattern = torch.zeros(1, 1, 5, 16)
+    pattern[..., 2:5] = torch.randn(5, 3)
+    with torch.no_grad():
+        low = frontend.conv2(torch.relu(frontend.conv1(pattern))).relu()  # (1, 3, 5, 4)
+        high = frontend.conv2(torch.relu(frontend.conv1(pattern.roll(4, dims=-1)))).relu()
+    torch.testing.assert_close(high[..., 2], low[..., 1])
+
+
+def test_conv_frontend_needs_channels():
+    with pytest.raises(SpkdistError, match=r"model\.frontend_channels must be > 0, got 0"):
+        config_from_dict({"model": {"frontend": "conv2d", "frontend_channels": 0}}, where="exp.yaml")
 
 
 def test_layer_concat_needs_a_conformer():
@@ -212,6 +237,7 @@ def test_the_ablation_turns_each_lever_of_a_recipe_off():
         "model.head=aam_softmax",
         "train.margin_warmup=[0, 100]",
         "model.layer_aggregation=concat",
+        "model.frontend=conv2d",
     ]
     cfg = load_config("boss.yaml", every)
     assert set(levers_on(cfg)) == set(LEVERS)

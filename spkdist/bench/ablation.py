@@ -22,6 +22,7 @@ EXAMPLE = "spkdist bench ablation --shards shards/hard --steps 1000"
 # lever -> (is it on in this config?, the overrides that turn it off)
 LEVERS = {
     "feature_norm": (lambda c: c.model.feature_norm != "none", ["model.feature_norm=none"]),
+    "conv_frontend": (lambda c: c.model.frontend == "conv2d", ["model.frontend=linear"]),
     "spec_augment": (
         lambda c: c.data.time_masks > 0 or c.data.freq_masks > 0,
         ["data.time_masks=0", "data.freq_masks=0"],

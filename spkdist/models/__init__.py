@@ -4,8 +4,8 @@
     logits = model(mels, lengths, labels)  # (B, T, n_mels), (B,), (B,) -> (B, n_speakers)
     emb = model.embed(mels, lengths)  # (B, embedding width)
 
-Encoder, pooling and head are each picked by their own config field (WeSpeaker style: one file per model
-family, pooling layers and margin heads as swappable modules).
+Front-end, encoder, pooling and head are each picked by their own config field (WeSpeaker style: one file per
+model family, pooling layers and margin heads as swappable modules).
 """
 
 from collections.abc import Callable
@@ -14,6 +14,7 @@ from torch import nn
 
 from spkdist.config import ModelConfig
 from spkdist.models.conformer import ConformerEncoder
+from spkdist.models.frontend import ConvFrontend, LinearFrontend
 from spkdist.models.heads import AAMSoftmaxHead, AMSoftmaxHead, LinearHead, MarginHead
 from spkdist.models.model import SpeakerModel, padding_mask
 from spkdist.models.pooling import AttentivePooling, AttentiveStatsPooling, MeanPooling
@@ -21,6 +22,7 @@ from spkdist.models.transformer import TransformerEncoder
 
 __all__ = [
     "ENCODERS",
+    "FRONTENDS",
     "HEADS",
     "POOLINGS",
     "AAMSoftmaxHead",
@@ -28,6 +30,8 @@ __all__ = [
     "AttentivePooling",
     "AttentiveStatsPooling",
     "ConformerEncoder",
+    "ConvFrontend",
+    "LinearFrontend",
     "LinearHead",
     "MarginHead",
     "MeanPooling",
@@ -37,12 +41,17 @@ __all__ = [
     "padding_mask",
 ]
 
-ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "transformer": lambda cfg, n_mels: TransformerEncoder(
-        n_mels, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ffn_dim, cfg.dropout
+FRONTENDS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "linear": lambda cfg, n_mels: LinearFrontend(n_mels, cfg.d_model),
+    "conv2d": lambda cfg, n_mels: ConvFrontend(n_mels, cfg.d_model, cfg.frontend_channels),
+}
+# Encoders take their front-end, which maps (B, T, n_mels) to (B, T, d_model).
+ENCODERS: dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {
+    "transformer": lambda cfg, prenet: TransformerEncoder(
+        prenet, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ffn_dim, cfg.dropout
     ),
-    "conformer": lambda cfg, n_mels: ConformerEncoder(
-        n_mels,
+    "conformer": lambda cfg, prenet: ConformerEncoder(
+        prenet,
         cfg.d_model,
         cfg.n_heads,
         cfg.n_layers,
@@ -73,7 +82,7 @@ def build_model(cfg: ModelConfig, n_mels: int, n_speakers: int) -> SpeakerModel:
         raise ValueError(
             f"n_mels and n_speakers must be positive, got n_mels={n_mels}, n_speakers={n_speakers}"
         )
-    encoder = ENCODERS[cfg.encoder](cfg, n_mels)
+    encoder = ENCODERS[cfg.encoder](cfg, FRONTENDS[cfg.frontend](cfg, n_mels))
     pooling = POOLINGS[cfg.pooling](encoder.out_dim)
     head = HEADS[cfg.head](cfg, pooling.out_dim(encoder.out_dim), n_speakers)
     return SpeakerModel(encoder, pooling, head, cfg.feature_norm)

@@ -17,7 +17,7 @@ from torch import nn
 
 
 class ConformerEncoder(nn.Module):
-    """Linear(n_mels -> d_model), then torchaudio.models.Conformer with padding zeroed before its convs.
+    """A front-end (n_mels -> d_model), then torchaudio.models.Conformer with padding zeroed before its convs.
 
     With concat_layers the output is every layer's frames side by side (MFA-Conformer's multi-scale
     feature aggregation): each torchaudio layer ends in its own LayerNorm, so the parts arrive on one
@@ -26,7 +26,7 @@ class ConformerEncoder(nn.Module):
 
     def __init__(
         self,
-        n_mels: int,
+        prenet: nn.Module,
         d_model: int,
         n_heads: int,
         n_layers: int,
@@ -38,7 +38,7 @@ class ConformerEncoder(nn.Module):
         super().__init__()
         self.concat_layers = concat_layers
         self.out_dim = d_model * n_layers if concat_layers else d_model  # the width of forward's frames
-        self.prenet = nn.Linear(n_mels, d_model)
+        self.prenet = prenet  # (B, T, n_mels), (B, T) -> (B, T, d_model): see frontend.py
         self.conformer = torchaudio.models.Conformer(
             input_dim=d_model,
             num_heads=n_heads,
@@ -68,7 +68,7 @@ class ConformerEncoder(nn.Module):
         # Run the layers directly, not Conformer.forward: it rebuilds the mask from lengths.max(), a
         # host-device sync, and its mask would be narrower than T when the batch is padded beyond
         # its longest utterance.
-        x = self.prenet(mels).transpose(0, 1)  # (T, B, D): torchaudio's layers are time-first
+        x = self.prenet(mels, pad_mask).transpose(0, 1)  # (T, B, D): torchaudio's layers are time-first
         self._conv_mask = pad_mask.unsqueeze(1)  # (B, 1, T)
         outputs = []  # every layer's frames, kept only for concat_layers (long utterances: memory)
         try:

@@ -5,19 +5,21 @@ from torch import nn
 
 
 class TransformerEncoder(nn.Module):
-    """Linear(n_mels -> d_model), then n_layers post-norm nn.TransformerEncoderLayers."""
+    """A front-end (n_mels -> d_model), then n_layers post-norm nn.TransformerEncoderLayers."""
 
-    def __init__(self, n_mels: int, d_model: int, n_heads: int, n_layers: int, ffn_dim: int, dropout: float):
+    def __init__(
+        self, prenet: nn.Module, d_model: int, n_heads: int, n_layers: int, ffn_dim: int, dropout: float
+    ):
         super().__init__()
         self.out_dim = d_model  # the width of forward's frames
-        self.prenet = nn.Linear(n_mels, d_model)
+        self.prenet = prenet  # (B, T, n_mels), (B, T) -> (B, T, d_model): see frontend.py
         layer = nn.TransformerEncoderLayer(d_model, n_heads, ffn_dim, dropout, batch_first=True)
         # no nested tensors: they break under DeepSpeed ZeRO-3's parameter hooks and save little here
         self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
-        x = self.prenet(mels)  # (B, T, D)
+        x = self.prenet(mels, pad_mask)  # (B, T, D)
         # Every other operation is per-frame, so the key mask alone keeps padding out of valid frames.
         if not self.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # That fast path checks only for CUDA autocast (pytorch#132613): under CPU autocast it

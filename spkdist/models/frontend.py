@@ -1,0 +1,46 @@
+"""Front-ends: log-mel frames (B, T, n_mels) -> encoder frames (B, T, d_model), before the first layer.
+
+The homework's models project each frame on its own (`nn.Linear`). The convolutional front-end first runs
+two 3x3 convolutions over the (time, mel) plane, as the convolution subsampling of the Conformer paper
+(Gulati et al. 2020) and of MFA-Conformer do, and as ResNet speaker models start: filters shared across
+the mel axis see the same spectral shape (a formant, a harmonic pattern) wherever a voice puts it, which a
+per-frame projection must learn bin by bin. It halves the mel axis twice and keeps every frame (stride 1 in
+time), so the padding mask and the utterance lengths are the same before and after it.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvFrontend(nn.Module):
+    """Conv2d(1 -> C, 3x3, mel stride 2), ReLU, Conv2d(C -> C, 3x3, mel stride 2), ReLU, Linear -> d_model.
+
+    Padding-invariant: the frames past an utterance's end are zero on the way in (SpeakerModel zeroes
+    them) and are zeroed again between the convolutions, so a 3x3 kernel at an utterance's last frame
+    reads the same zeros as it pads a lone utterance with.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=(1, 2), padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(1, 2), padding=1)
+        bins = (n_mels + 1) // 2  # each stride-2 convolution with padding 1 leaves ceil(n / 2) mel bins
+        bins = (bins + 1) // 2
+        self.proj = nn.Linear(channels * bins, d_model)
+
+    def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_mels) zero-padded, (B, T) True = padded -> (B, T, d_model)."""
+        padded = pad_mask[:, None, :, None]  # (B, 1, T, 1)
+        x = F.relu(self.conv1(mels.unsqueeze(1)))  # (B, C, T, ceil(n_mels / 2))
+        x = F.relu(self.conv2(x.masked_fill(padded, 0.0)))  # (B, C, T, F)
+        # The projection is per frame, so what the padded frames hold after it cannot reach a real one.
+        return self.proj(x.transpose(1, 2).flatten(2))  # (B, T, C * F) -> (B, T, d_model)
+
+
+class LinearFrontend(nn.Linear):
+    """The homework's per-frame projection, nn.Linear(n_mels, d_model), taking the mask like every
+    front-end (its state_dict is a plain Linear's, so checkpoints of either kind of model load)."""
+
+    def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(mels)  # (B, T, d_model)
