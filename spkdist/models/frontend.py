@@ -14,17 +14,25 @@ from torch import nn
 
 
 class ConvFrontend(nn.Module):
-    """Conv2d(1 -> C, 3x3, mel stride 2), ReLU, Conv2d(C -> C, 3x3, mel stride 2), ReLU, Linear -> d_model.
+    """Two Conv2d(3x3, mel stride 2)-BatchNorm-ReLU blocks (1 -> C -> C channels), then Linear -> d_model.
 
-    Padding-invariant: the frames past an utterance's end are zero on the way in (SpeakerModel zeroes
-    them) and are zeroed again between the convolutions, so a 3x3 kernel at an utterance's last frame
-    reads the same zeros as it pads a lone utterance with.
+    BatchNorm as in ResNet stems: without it this front-end learned far slower (valid accuracy 0.28 and
+    0.44 at step 750 of 3,000, two seeds, against 0.62 and 0.58 for the per-frame Linear), its output
+    six times smaller than the Linear's at initialisation.
+
+    Padding-invariant in eval mode: the frames past an utterance's end are zero on the way in
+    (SpeakerModel zeroes them) and are zeroed again before the second convolution, so a 3x3 kernel at an
+    utterance's last frame reads the same zeros as it pads a lone utterance with; BatchNorm then applies
+    running statistics, per element. In training its batch statistics include padded frames, as the
+    Conformer's own BatchNorm does (see conformer.py).
     """
 
     def __init__(self, n_mels: int, d_model: int, channels: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=(1, 2), padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(1, 2), padding=1)
+        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=(1, 2), padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(1, 2), padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels)
         bins = (n_mels + 1) // 2  # each stride-2 convolution with padding 1 leaves ceil(n / 2) mel bins
         bins = (bins + 1) // 2
         self.proj = nn.Linear(channels * bins, d_model)
@@ -32,8 +40,8 @@ class ConvFrontend(nn.Module):
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels) zero-padded, (B, T) True = padded -> (B, T, d_model)."""
         padded = pad_mask[:, None, :, None]  # (B, 1, T, 1)
-        x = F.relu(self.conv1(mels.unsqueeze(1)))  # (B, C, T, ceil(n_mels / 2))
-        x = F.relu(self.conv2(x.masked_fill(padded, 0.0)))  # (B, C, T, F)
+        x = F.relu(self.norm1(self.conv1(mels.unsqueeze(1))))  # (B, C, T, ceil(n_mels / 2))
+        x = F.relu(self.norm2(self.conv2(x.masked_fill(padded, 0.0))))  # (B, C, T, F)
         # The projection is per frame, so what the padded frames hold after it cannot reach a real one.
         return self.proj(x.transpose(1, 2).flatten(2))  # (B, T, C * F) -> (B, T, d_model)
 
