@@ -80,12 +80,24 @@ class DataConfig:
     """SpecAugment: frequency masks per training crop (bands of mel bins); 0: off. Never at evaluation."""
     freq_mask_width: int = 0
     """SpecAugment: the widest frequency mask, in mel bins."""
+    noise_prob: float = 0.0
+    """Share of training crops that get additive noise in the mel-energy domain, shaped like the crop's
+    own noise floor (before the SpecAugment masks, never at evaluation); in [0, 1]; 0: off."""
+    noise_snr: tuple[float, float] = (5.0, 20.0)
+    """[low, high]: each noisy crop's signal-to-noise ratio in dB is drawn uniformly in this range."""
 
     def validate(self) -> None:
         _positive(self, "segment_len", "batch_size", "eval_batch_size", "shuffle_buffer")
         for name in ("num_workers", "time_masks", "time_mask_width", "freq_masks", "freq_mask_width"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.noise_prob <= 1:
+            raise ValueError(f"data.noise_prob must be in [0, 1], got {self.noise_prob}")
+        low, high = self.noise_snr
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise ValueError(
+                f"data.noise_snr must be [low, high] dB with low <= high, got {list(self.noise_snr)}"
+            )
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Both streams are chains of small iterator -> iterator stages (WeSpeaker style) run inside DataLoader
 workers:
 
-    train: slot_shards -> read_shards -> random_crop [-> spec_augment] -> shuffle -> chunks -> collate
+    train: slot_shards -> read_shards -> random_crop [-> add_noise] [-> spec_augment] -> shuffle -> chunks
+           -> collate
     eval:  eval_share(rank, worker) -> read_shards -> length_sorted -> collate           (finite)
 
 and `StreamLoader` (a DataLoader) unpacks the bundles of batches the workers hand over.
@@ -276,6 +277,44 @@ def spec_augment(utterances: Iterable[Sample], settings: SpecAugment, rng: rando
         yield utt._replace(mels=mels)
 
 
+@dataclass(frozen=True)
+class NoiseAugment:
+    """Additive noise on a share `prob` of the training crops, at a signal-to-noise ratio drawn uniformly
+    in [snr_low, snr_high] dB. prob 0: off."""
+
+    prob: float = 0.0
+    snr_low: float = 5.0
+    snr_high: float = 20.0
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0
+
+
+def add_noise(utterances: Iterable[Sample], settings: NoiseAugment, rng: random.Random) -> Iterator[Sample]:
+    """Training crops with noise added where noise adds: to the mel energies, exp(log-mel).
+
+    The noise has the spectral shape of the crop's own noise floor (each bin's 10th-percentile energy
+    over the crop's frames: the recording's noise through the recording's channel, so no mel layout is
+    assumed) and fluctuates per frame and bin (a gamma variable of mean 1 and shape 4), scaled so that
+    the crop's mean energy is 10^(SNR / 10) times the noise's: the same utterance in a noisier room. Runs
+    on the crop's real frames only (before `collate` pads); never at evaluation. Draws come from the
+    worker's seeded stream, so a seed gives the same noise.
+    """
+    for utt in utterances:
+        if rng.random() >= settings.prob:
+            yield utt
+            continue
+        snr_db = rng.uniform(settings.snr_low, settings.snr_high)
+        noise_rng = np.random.default_rng(rng.getrandbits(64))
+        energy = np.exp(utt.mels.astype(np.float32))  # (frames, n_mels)
+        floor = np.percentile(energy, 10, axis=0)  # (n_mels,)
+        noise = floor * noise_rng.gamma(4.0, 0.25, size=energy.shape).astype(np.float32)  # (frames, n_mels)
+        gain = energy.mean() / (noise.mean() * 10 ** (snr_db / 10))
+        noisy = np.log(energy + gain * noise)  # (frames, n_mels)
+        yield utt._replace(mels=noisy.astype(utt.mels.dtype))
+
+
 def shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Items in random order through a buffer of `size`: each new item replaces a random buffered one.
 
@@ -426,11 +465,13 @@ class TrainStream(_ShardStream):
         steps: int,
         on_bad_shard: OnBadShard,
         augment: SpecAugment,
+        noise: NoiseAugment,
     ) -> None:
         super().__init__(shards, n_mels, on_bad_shard)
         self.batch_size = batch_size
         self.segment_len = segment_len
         self.augment = augment
+        self.noise = noise
         self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
@@ -455,6 +496,8 @@ class TrainStream(_ShardStream):
         shards = slot_shards(self.shards, shard_rng, slot, slots, self._bad)
         utterances = read_shards(shards, self.n_mels, self._bad)
         utterances = random_crop(utterances, self.segment_len, rng)
+        if self.noise.active:
+            utterances = add_noise(utterances, self.noise, rng)
         if self.augment.active:
             utterances = spec_augment(utterances, self.augment, rng)
         utterances = shuffle(utterances, self.shuffle_buffer, rng)
@@ -557,6 +600,7 @@ def train_loader(
     on_bad_shard: OnBadShard = "warn",
     epoch_batches: int | None = None,
     augment: SpecAugment = SpecAugment(),
+    noise: NoiseAugment = NoiseAugment(),
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> StreamLoader:
@@ -573,6 +617,7 @@ def train_loader(
         on_bad_shard: "warn" (skip, warn and count in `Batch.bad_shards`) or "raise".
         epoch_batches: batches per epoch per rank; default `steps_per_epoch(index, batch_size, world_size)`.
         augment: SpecAugment masks applied to each crop (default: none).
+        noise: additive noise on a share of the crops, before the masks (default: none).
         pin_memory: page-locked batches for fast GPU copies; default: when CUDA is available.
         prefetch_factor: bundles of batches each worker prepares ahead.
     Returns:
@@ -593,6 +638,7 @@ def train_loader(
         steps=steps,
         on_bad_shard=on_bad_shard,
         augment=augment,
+        noise=noise,
     )
     return _loader(dataset, num_workers, pin_memory, prefetch_factor)
 

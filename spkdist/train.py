@@ -62,7 +62,7 @@ from .fsutil import atomic_write_bytes
 from .models import MarginHead, build_model
 from .schedules import WarmupCosine
 from .shard_format import HELDOUT, load_index, split_speakers
-from .stream import Batch, SpecAugment, StreamLoader, eval_loader, train_loader
+from .stream import Batch, NoiseAugment, SpecAugment, StreamLoader, eval_loader, train_loader
 from .verification import Embeddings, cosine_scores, eer, make_trials, min_dcf, trial_rows
 
 
@@ -193,6 +193,7 @@ def setup(cfg: Config) -> Job:
             augment=SpecAugment(
                 cfg.data.time_masks, cfg.data.time_mask_width, cfg.data.freq_masks, cfg.data.freq_mask_width
             ),
+            noise=NoiseAugment(cfg.data.noise_prob, *cfg.data.noise_snr),
         )
     )
     valid_loader = eval_loader(

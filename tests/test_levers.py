@@ -20,7 +20,7 @@ from spkdist.config import config_from_dict, load_config
 from spkdist.errors import SpkdistError
 from spkdist.models import AAMSoftmaxHead, AMSoftmaxHead, AttentiveStatsPooling, build_model, padding_mask
 from spkdist.shard_format import Sample, load_index
-from spkdist.stream import SpecAugment, eval_loader, spec_augment, train_loader
+from spkdist.stream import NoiseAugment, SpecAugment, add_noise, eval_loader, spec_augment, train_loader
 from spkdist.train import margin_at
 
 N_MELS = 40
@@ -60,6 +60,41 @@ def test_spec_augment_reaches_training_batches_only_never_padding_or_evaluation(
     eval_loader(str(tiny_shards), index, "valid", **eval_args)  # these arguments are fine...
     with pytest.raises(TypeError, match="augment"):
         eval_loader(str(tiny_shards), index, "valid", augment=settings, **eval_args)  # ...this one is not
+
+
+def test_noise_adds_energy_at_the_drawn_snr_reproducibly():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(50, 8)) * 2 - 3).astype(np.float16)  # log-mel energies
+    settings = NoiseAugment(prob=1.0, snr_low=10.0, snr_high=10.0)
+    [a] = add_noise([Sample("k", x, 0, "s", 0)], settings, random.Random(1))
+    [b] = add_noise([Sample("k", x, 0, "s", 0)], settings, random.Random(1))
+    [c] = add_noise([Sample("k", x, 0, "s", 0)], settings, random.Random(2))
+    assert np.array_equal(a.mels, b.mels) and not np.array_equal(a.mels, c.mels)  # seeded
+    assert a.mels.dtype == np.float16 and a.mels.shape == x.shape
+    clean, noisy = np.exp(x.astype(np.float64)), np.exp(a.mels.astype(np.float64))
+    assert np.all(a.mels >= x)  # noise only adds energy
+    assert clean.mean() / (noisy - clean).mean() == pytest.approx(10.0, rel=0.02)  # 10 dB (float16 rounding)
+    # prob 0.5: about half the crops, the others untouched
+    crops = [Sample(str(i), x, 0, "s", 0) for i in range(400)]
+    out = list(add_noise(crops, NoiseAugment(prob=0.5), random.Random(0)))
+    untouched = sum(o.mels is x for o in out)
+    assert 150 < untouched < 250
+
+
+def test_noise_reaches_training_batches_only_never_padding_or_evaluation(tiny_shards):
+    index = load_index(tiny_shards)
+    common = dict(batch_size=8, segment_len=200, num_workers=0, shuffle_buffer=1, rank=0, world_size=1)
+    plain = next(iter(train_loader(str(tiny_shards), index, seed=0, **common)))
+    noisy = next(iter(train_loader(str(tiny_shards), index, seed=0, noise=NoiseAugment(prob=1.0), **common)))
+    assert plain.keys == noisy.keys and torch.equal(plain.lengths, noisy.lengths)
+    for row, length in enumerate(noisy.lengths.tolist()):
+        real_noisy, real_plain = noisy.mels[row, :length], plain.mels[row, :length]
+        assert bool((real_noisy >= real_plain).all()) and bool((real_noisy > real_plain).any())
+        assert noisy.mels[row, length:].abs().sum() == 0  # padding stays zero
+    with pytest.raises(TypeError, match="noise"):
+        eval_loader(
+            str(tiny_shards), index, "valid", noise=NoiseAugment(prob=1.0), batch_size=8, num_workers=0
+        )
 
 
 def model_with(**change) -> torch.nn.Module:
@@ -238,6 +273,7 @@ def test_the_ablation_turns_each_lever_of_a_recipe_off():
         "train.margin_warmup=[0, 100]",
         "model.layer_aggregation=concat",
         "model.frontend=conv2d",
+        "data.noise_prob=0.5",
     ]
     cfg = load_config("boss.yaml", every)
     assert set(levers_on(cfg)) == set(LEVERS)

@@ -27,6 +27,7 @@ LEVERS = {
         lambda c: c.data.time_masks > 0 or c.data.freq_masks > 0,
         ["data.time_masks=0", "data.freq_masks=0"],
     ),
+    "noise": (lambda c: c.data.noise_prob > 0, ["data.noise_prob=0"]),
     "attentive_stats_pooling": (lambda c: c.model.pooling == "attentive_stats", ["model.pooling=attention"]),
     "layer_aggregation": (lambda c: c.model.layer_aggregation == "concat", ["model.layer_aggregation=last"]),
     "aam_softmax": (lambda c: c.model.head == "aam_softmax", ["model.head=am_softmax"]),
