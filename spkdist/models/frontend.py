@@ -20,9 +20,9 @@ class ConvFrontend(nn.Module):
     0.44 at step 750 of 3,000, two seeds, against 0.62 and 0.58 for the per-frame Linear), its output
     six times smaller than the Linear's at initialisation.
 
-    Padding-invariant in eval mode: the frames past an utterance's end are zero on the way in
-    (SpeakerModel zeroes them) and are zeroed again before the second convolution, so a 3x3 kernel at an
-    utterance's last frame reads the same zeros as it pads a lone utterance with; BatchNorm then applies
+    Padding-invariant in eval mode: the frames past an utterance's end are zeroed before each
+    convolution, so a 3x3 kernel at an utterance's last frame reads the same zeros as it pads a lone
+    utterance with, whatever the caller left in the padding; BatchNorm then applies
     running statistics, per element. In training its batch statistics include padded frames, as the
     Conformer's own BatchNorm does (see conformer.py).
     """
@@ -38,9 +38,10 @@ class ConvFrontend(nn.Module):
         self.proj = nn.Linear(channels * bins, d_model)
 
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_mels) zero-padded, (B, T) True = padded -> (B, T, d_model)."""
+        """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
         padded = pad_mask[:, None, :, None]  # (B, 1, T, 1)
-        x = F.relu(self.norm1(self.conv1(mels.unsqueeze(1))))  # (B, C, T, ceil(n_mels / 2))
+        x = mels.unsqueeze(1).masked_fill(padded, 0.0)  # (B, 1, T, n_mels)
+        x = F.relu(self.norm1(self.conv1(x)))  # (B, C, T, ceil(n_mels / 2))
         x = F.relu(self.norm2(self.conv2(x.masked_fill(padded, 0.0))))  # (B, C, T, F)
         # The projection is per frame, so what the padded frames hold after it cannot reach a real one.
         return self.proj(x.transpose(1, 2).flatten(2))  # (B, T, C * F) -> (B, T, d_model)
