@@ -113,11 +113,15 @@ class ModelConfig:
     """The recipe's name: a label for logs and checkpoints. It selects nothing; the fields below do."""
     frontend: Literal["linear", "conv2d"] = "linear"
     """How each log-mel frame becomes a d_model-wide vector before the first encoder layer: the homework's
-    per-frame Linear, or two 3x3 convolutions over time and mel bins (stride 2 over the bins only, every
-    frame kept) and then a Linear: filters shared across the mel axis, as the Conformer paper's
-    convolution subsampling and ResNet speaker models start."""
+    per-frame Linear, or two 3x3 convolutions over time and mel bins (stride 2 or 1 over the bins,
+    frontend_mel_strides; every frame kept) and then a Linear: filters shared across the mel axis, as
+    the Conformer paper's convolution subsampling and ResNet speaker models start."""
     frontend_channels: int = 32
     """Channels of both convolutions of the conv2d front-end; unused by the linear one."""
+    frontend_mel_strides: tuple[int, int] = (2, 2)
+    """Stride over the mel bins of the conv2d front-end's first and second convolution, each 1 or 2: (2, 2)
+    leaves a quarter of the bins, (1, 2) half of them (finer frequency detail, such as where a voice's
+    harmonics fall, for a wider projection and twice the second convolution's cost)."""
     encoder: Literal["transformer", "conformer"] = "transformer"
     """Frame encoder: post-norm Transformer layers (sample, medium) or torchaudio's Conformer."""
     d_model: int = 80
@@ -167,6 +171,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not math.isfinite(self.scale):
             raise ValueError(f"model.scale must be finite, got {self.scale}")
+        if not all(stride in (1, 2) for stride in self.frontend_mel_strides):
+            raise ValueError(
+                f"model.frontend_mel_strides must be 1 or 2 each, got {list(self.frontend_mel_strides)}"
+            )
         if self.layer_aggregation == "concat" and self.encoder != "conformer":
             raise ValueError(
                 f"model.layer_aggregation=concat needs model.encoder=conformer, got {self.encoder}"

@@ -113,8 +113,17 @@ def model_with(**change) -> torch.nn.Module:
         {"layer_aggregation": "concat", "n_layers": 3},
         {"frontend": "conv2d", "frontend_channels": 4, "n_layers": 2},
         {"frontend": "conv2d", "frontend_channels": 4, "encoder": "transformer", "n_layers": 2},
+        {"frontend": "conv2d", "frontend_channels": 4, "frontend_mel_strides": (1, 2), "n_layers": 2},
     ],
-    ids=["cmn", "cmvn", "attentive_stats", "layer_concat", "conv_frontend", "conv_frontend_transformer"],
+    ids=[
+        "cmn",
+        "cmvn",
+        "attentive_stats",
+        "layer_concat",
+        "conv_frontend",
+        "conv_frontend_transformer",
+        "conv_frontend_mel_stride_1",
+    ],
 )
 def test_levers_keep_an_utterance_logits_independent_of_padding(change):
     model = model_with(**change)
@@ -187,6 +196,22 @@ def test_conv_frontend_keeps_every_frame_and_shares_its_filters_across_the_mel_a
         low = frontend.conv2(torch.relu(frontend.conv1(pattern)))  # (1, 3, 5, 4)
         high = frontend.conv2(torch.relu(frontend.conv1(pattern.roll(4, dims=-1))))
     torch.testing.assert_close(high[..., 2], low[..., 1])
+
+
+def test_conv_frontend_mel_strides_set_the_bins_the_projection_sees():
+    from spkdist.models import ConvFrontend
+
+    for strides, bins in (((1, 2), 20), ((2, 1), 20), ((1, 1), 40), ((2, 2), 10)):
+        frontend = ConvFrontend(40, d_model=8, channels=3, mel_strides=strides)
+        assert (frontend.conv1.stride, frontend.conv2.stride) == ((1, strides[0]), (1, strides[1]))
+        assert frontend.proj.in_features == 3 * bins
+        assert frontend(torch.randn(2, 7, 40), padding_mask(torch.tensor([7, 4]), 7)).shape == (2, 7, 8)
+    cfg = config_from_dict(
+        {"model": {"frontend": "conv2d", "frontend_mel_strides": [1, 2]}}, where="exp.yaml"
+    )
+    assert cfg.model.frontend_mel_strides == (1, 2)
+    with pytest.raises(SpkdistError, match=r"model\.frontend_mel_strides must be 1 or 2 each, got \[3, 2\]"):
+        config_from_dict({"model": {"frontend_mel_strides": [3, 2]}}, where="exp.yaml")
 
 
 def test_conv_frontend_needs_channels():

@@ -43,7 +43,9 @@ __all__ = [
 
 FRONTENDS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "linear": lambda cfg, n_mels: LinearFrontend(n_mels, cfg.d_model),
-    "conv2d": lambda cfg, n_mels: ConvFrontend(n_mels, cfg.d_model, cfg.frontend_channels),
+    "conv2d": lambda cfg, n_mels: ConvFrontend(
+        n_mels, cfg.d_model, cfg.frontend_channels, cfg.frontend_mel_strides
+    ),
 }
 # Encoders take their front-end, which maps (B, T, n_mels) to (B, T, d_model).
 ENCODERS: dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {

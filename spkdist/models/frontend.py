@@ -4,8 +4,9 @@ The homework's models project each frame on its own (`nn.Linear`). The convoluti
 two 3x3 convolutions over the (time, mel) plane, as the convolution subsampling of the Conformer paper
 (Gulati et al. 2020) and of MFA-Conformer do, and as ResNet speaker models start: filters shared across
 the mel axis see the same spectral shape (a formant, a harmonic pattern) wherever a voice puts it, which a
-per-frame projection must learn bin by bin. It halves the mel axis twice and keeps every frame (stride 1 in
-time), so the padding mask and the utterance lengths are the same before and after it.
+per-frame projection must learn bin by bin. It halves the mel axis twice (or once: `mel_strides`) and
+keeps every frame (stride 1 in time), so the padding mask and the utterance lengths are the same before
+and after it.
 """
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 
 class ConvFrontend(nn.Module):
-    """Two Conv2d(3x3, mel stride 2)-BatchNorm-ReLU blocks (1 -> C -> C channels), then Linear -> d_model.
+    """Two Conv2d(3x3, mel stride 2 or 1)-BatchNorm-ReLU blocks (1 -> C -> C channels), Linear -> d_model.
 
     BatchNorm as in ResNet stems: without it this front-end learned far slower (valid accuracy 0.28 and
     0.44 at step 750 of 3,000, two seeds, against 0.62 and 0.58 for the per-frame Linear), its output
@@ -27,21 +28,22 @@ class ConvFrontend(nn.Module):
     Conformer's own BatchNorm does (see conformer.py).
     """
 
-    def __init__(self, n_mels: int, d_model: int, channels: int):
+    def __init__(self, n_mels: int, d_model: int, channels: int, mel_strides: tuple[int, int] = (2, 2)):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=(1, 2), padding=1, bias=False)
+        first, second = mel_strides
+        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=(1, first), padding=1, bias=False)
         self.norm1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(1, 2), padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(1, second), padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(channels)
-        bins = (n_mels + 1) // 2  # each stride-2 convolution with padding 1 leaves ceil(n / 2) mel bins
-        bins = (bins + 1) // 2
+        bins = -(-n_mels // first)  # a 3x3 convolution with padding 1 and stride s leaves ceil(n / s) bins
+        bins = -(-bins // second)
         self.proj = nn.Linear(channels * bins, d_model)
 
     def forward(self, mels: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels), (B, T) True = padded -> (B, T, d_model)."""
         padded = pad_mask[:, None, :, None]  # (B, 1, T, 1)
         x = mels.unsqueeze(1).masked_fill(padded, 0.0)  # (B, 1, T, n_mels)
-        x = F.relu(self.norm1(self.conv1(x)))  # (B, C, T, ceil(n_mels / 2))
+        x = F.relu(self.norm1(self.conv1(x)))  # (B, C, T, ceil(n_mels / first stride))
         x = F.relu(self.norm2(self.conv2(x.masked_fill(padded, 0.0))))  # (B, C, T, F)
         # The projection is per frame, so what the padded frames hold after it cannot reach a real one.
         return self.proj(x.transpose(1, 2).flatten(2))  # (B, T, C * F) -> (B, T, d_model)
