@@ -24,6 +24,7 @@ def test_recipe_architectures_follow_the_homework():
     assert (boss.d_model, boss.n_layers, boss.pooling, boss.head) == (224, 3, "attention", "aam_softmax")
     assert (boss.margin, boss.scale) == (0.2, 30.0)
     assert (boss.frontend, boss.frontend_channels) == ("conv2d", 32)  # measured on the dev draw (README)
+    assert boss.feature_norm == "mean"  # mean alone beat mean_var on the dev draw, two seeds (README)
     medium = load_config("medium").model
     assert (medium.d_model, medium.n_layers, medium.n_heads) == (120, 4, 4)
 
