@@ -120,8 +120,8 @@ class ModelConfig:
     """Channels of both convolutions of the conv2d front-end; unused by the linear one."""
     frontend_mel_strides: tuple[int, int] = (2, 2)
     """Stride over the mel bins of the conv2d front-end's first and second convolution, each 1 or 2: (2, 2)
-    leaves a quarter of the bins, (1, 2) half of them (finer frequency detail, such as where a voice's
-    harmonics fall, for a wider projection and twice the second convolution's cost)."""
+    leaves a quarter of the bins, (1, 2) half of them, (1, 1) all (finer frequency detail, such as where a
+    voice's harmonics fall, for a wider projection and more convolution work)."""
     encoder: Literal["transformer", "conformer"] = "transformer"
     """Frame encoder: post-norm Transformer layers (sample, medium) or torchaudio's Conformer."""
     d_model: int = 80

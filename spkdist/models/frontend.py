@@ -4,9 +4,9 @@ The homework's models project each frame on its own (`nn.Linear`). The convoluti
 two 3x3 convolutions over the (time, mel) plane, as the convolution subsampling of the Conformer paper
 (Gulati et al. 2020) and of MFA-Conformer do, and as ResNet speaker models start: filters shared across
 the mel axis see the same spectral shape (a formant, a harmonic pattern) wherever a voice puts it, which a
-per-frame projection must learn bin by bin. It halves the mel axis twice (or once: `mel_strides`) and
-keeps every frame (stride 1 in time), so the padding mask and the utterance lengths are the same before
-and after it.
+per-frame projection must learn bin by bin. It halves the mel axis twice, once or not at all
+(`mel_strides`) and keeps every frame (stride 1 in time), so the padding mask and the utterance lengths
+are the same before and after it.
 """
 
 import torch
